@@ -1,0 +1,36 @@
+# Two commands do everything from a fresh clone: `make train` and `make test`.
+# Both build .venv (CPU torch when no GPU is present) and re-running is fast when nothing changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: train test setup lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing the default (CUDA) torch build"; $(PY) -m pip install -q torch; \
+	else \
+		echo "no GPU: installing the CPU build $(TORCH_CPU)"; $(PY) -m pip install -q $(TORCH_CPU); \
+	fi
+	# deepspeed's sdist imports torch at build time: build it against the torch just installed
+	$(PY) -m pip install -q --no-build-isolation deepspeed
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check model train tests
+
+clean:
+	rm -rf $(VENV) runs outputs multirun wandb
