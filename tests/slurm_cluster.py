@@ -1,0 +1,353 @@
+"""A real Slurm cluster on this machine, started and stopped by the tests.
+
+Debian's ``slurm-wlm`` runs one ``slurmctld`` and N ``slurmd -N nodeK`` daemons on one host: each
+node is declared in its own temp ``slurm.conf`` with its own port, spool dir and pid file. Where
+``ip netns`` works (root + iproute2), every node lives in its own network namespace joined to a
+bridge by a veth pair, so rendezvous and collectives between nodes cross a real network interface;
+otherwise all nodes share loopback. ``SlurmCluster.netns`` says which.
+
+Everything (state, spool, logs, pid files) lives in a temp dir; every daemon and job process is
+found by PID (pid files + an environment marker only this cluster's processes carry) and stopped
+at teardown, so nothing keeps running after the test.
+
+Use the fixtures ``slurm_cluster`` (1 node, CPUs=2) and ``slurm_cluster_2n`` (2 nodes, CPUs=1 each)
+via ``pytest_plugins = ["tests.slurm_cluster"]`` or ``from tests.slurm_cluster import ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+INSTALL_SCRIPT = REPO / "launch" / "slurm" / "install-slurm.sh"
+SBIN_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                   "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":" + SBIN_PATH)
+
+
+def ensure_slurm() -> None:
+    """Install slurm-wlm when missing (root + apt-get), else ``pytest.skip`` with the reason."""
+    if all(_which(b) for b in ("slurmctld", "slurmd", "sbatch")):
+        return
+    if os.geteuid() != 0:
+        pytest.skip("slurm-wlm is not installed and installing it needs root (launch/slurm/install-slurm.sh)")
+    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 or not all(_which(b) for b in ("slurmctld", "slurmd", "sbatch")):
+        reason = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        pytest.skip(f"slurm-wlm could not be installed: {reason}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _netns_works() -> bool:
+    if os.geteuid() != 0 or not _which("ip"):
+        return False
+    probe = f"lmfp{os.getpid() % 100000}"
+    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return ok
+
+
+def _pids_with_env(key: str, value: str) -> list[int]:
+    """PIDs of processes whose environment holds ``key=value`` (how we find our own processes)."""
+    needle = f"{key}={value}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill(pids: list[int], sig: int = signal.SIGKILL) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class SlurmCluster:
+    """slurmctld + ``n_nodes`` slurmd daemons (``node1..nodeN``) configured in ``root``."""
+
+    def __init__(self, root: Path, n_nodes: int = 1, cpus_per_node: int = 2, netns: bool | None = None):
+        self.root = root
+        self.n_nodes = n_nodes
+        self.cpus_per_node = cpus_per_node
+        self.nodes = [f"node{k + 1}" for k in range(n_nodes)]
+        self.conf = root / "slurm.conf"
+        self.marker = uuid.uuid4().hex[:12]  # env marker on every daemon we start
+        self.netns = _netns_works() if netns is None else netns
+        tag = self.marker[:6]
+        self._ns = {n: f"lmf{tag}{k}" for k, n in enumerate(self.nodes, 1)}
+        self._bridge = f"lmfbr{tag}"
+        # 10.<a>.<b>.0/24, unlikely to collide with anything on the host
+        a, b = 100 + int(tag[:2], 16) % 100, int(tag[2:4], 16)
+        self.ctl_addr = f"10.{a}.{b}.1" if self.netns else "127.0.0.1"
+        self.node_addr = {n: (f"10.{a}.{b}.{10 + k}" if self.netns else "127.0.0.1")
+                          for k, n in enumerate(self.nodes, 1)}
+        self._ctl_pid: int | None = None
+        self._slurmd_pid: dict[str, int] = {}
+        self._links: list[str] = []
+        self.env = dict(os.environ)
+        self.env["SLURM_CONF"] = str(self.conf)
+        self.env["PATH"] = self.env.get("PATH", "") + ":" + SBIN_PATH
+        for k in [k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
+            if k != "SLURM_CONF":
+                del self.env[k]
+
+    # ---------- set-up ----------
+    def _write_conf(self) -> None:
+        r = self.root
+        for d in ("state", "spool", "log", "run"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        ctl_port = free_port()
+        host = socket.gethostname()
+        lines = [
+            "ClusterName=lmforge",
+            f"SlurmctldHost={host}({self.ctl_addr})",
+            f"SlurmctldPort={ctl_port}",
+            "AuthType=auth/none",
+            "CredType=cred/none",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool/%n",
+            f"SlurmctldPidFile={r}/run/slurmctld.pid",
+            f"SlurmdPidFile={r}/run/%n.pid",
+            f"SlurmctldLogFile={r}/log/slurmctld.log",
+            f"SlurmdLogFile={r}/log/slurmd-%n.log",
+            "SlurmctldDebug=info",
+            "SlurmdDebug=info",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "SchedulerType=sched/backfill",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "JobRequeue=1",
+            "MailProg=/bin/true",
+            # fast reaction to a lost node in tests (production defaults are minutes)
+            "SlurmdTimeout=10",
+            "MessageTimeout=5",
+            "KillWait=5",
+            "InactiveLimit=0",
+            "MinJobAge=300",
+        ]
+        for n in self.nodes:
+            lines.append(f"NodeName={n} NodeHostname={host} NodeAddr={self.node_addr[n]} Port={free_port()} "
+                         f"CPUs={self.cpus_per_node} State=UNKNOWN")
+        lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO")
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def _ip(self, *args: str, ns: str | None = None) -> None:
+        cmd = (["ip", "netns", "exec", ns, "ip"] if ns else ["ip"]) + list(args)
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def _setup_netns(self) -> None:
+        self._ip("link", "add", self._bridge, "type", "bridge")
+        self._links.append(self._bridge)
+        self._ip("addr", "add", f"{self.ctl_addr}/24", "dev", self._bridge)
+        self._ip("link", "set", self._bridge, "up")
+        for k, n in enumerate(self.nodes, 1):
+            ns, host_if = self._ns[n], f"lmfv{self.marker[:6]}{k}"
+            subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+            self._ip("link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            self._links.append(host_if)
+            self._ip("link", "set", host_if, "master", self._bridge)
+            self._ip("link", "set", host_if, "up")
+            self._ip("link", "set", "lo", "up", ns=ns)
+            self._ip("addr", "add", f"{self.node_addr[n]}/24", "dev", "eth0", ns=ns)
+            self._ip("link", "set", "eth0", "up", ns=ns)
+            self._ip("route", "add", "default", "via", self.ctl_addr, ns=ns)
+
+    def _teardown_netns(self) -> None:
+        for ns in self._ns.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for link in reversed(self._links):
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
+
+    def _daemon_env(self, node: str | None) -> dict[str, str]:
+        env = dict(self.env)
+        env["LMFORGE_SLURM_CLUSTER"] = self.marker
+        if node:
+            env["LMFORGE_SLURM_NODE"] = f"{self.marker}:{node}"
+        return env
+
+    def start(self, timeout: float = 60.0) -> SlurmCluster:
+        self._write_conf()
+        if self.netns:
+            self._setup_netns()
+        # -i: ignore saved state (fresh cluster); -D is avoided so the daemon writes its pid file
+        subprocess.run([_which("slurmctld"), "-i", "-f", str(self.conf)], env=self._daemon_env(None), check=True,
+                       capture_output=True, timeout=30)
+        for n in self.nodes:
+            (self.root / "spool" / n).mkdir(parents=True, exist_ok=True)
+            self.start_node(n)
+        self._ctl_pid = self._read_pid(self.root / "run" / "slurmctld.pid")
+        self.wait_nodes_idle(timeout)
+        return self
+
+    def start_node(self, node: str) -> None:
+        cmd = [_which("slurmd"), "-N", node, "-f", str(self.conf)]
+        if self.netns:
+            cmd = ["nsenter", f"--net=/var/run/netns/{self._ns[node]}", "--"] + cmd
+        subprocess.run(cmd, env=self._daemon_env(node), check=True, capture_output=True, timeout=30)
+        self._slurmd_pid[node] = self._read_pid(self.root / "run" / f"{node}.pid")
+
+    @staticmethod
+    def _read_pid(path: Path, timeout: float = 15.0) -> int:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if path.exists() and path.read_text().strip():
+                return int(path.read_text().split()[0])
+            time.sleep(0.1)
+        raise RuntimeError(f"slurm daemon wrote no pid file at {path}")
+
+    def wait_nodes_idle(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        out = ""
+        while time.monotonic() < end:
+            out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout
+            states = dict(line.split() for line in out.splitlines() if line.strip())
+            if all(states.get(n, "").rstrip("*") == "idle" for n in self.nodes):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"slurm nodes not idle after {timeout}s: {out!r}; logs in {self.root / 'log'}")
+
+    # ---------- helpers ----------
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check,
+                              timeout=timeout)
+
+    def sbatch(self, script: str | Path | None, *args: str, sbatch_args: tuple[str, ...] = (),
+               wrap: str | None = None, cwd: Path | None = None, env: dict[str, str] | None = None) -> int:
+        """Submit ``script`` (or ``--wrap``); returns the job id."""
+        cmd = [_which("sbatch"), "--parsable", *sbatch_args]
+        cmd += ["--wrap", wrap] if wrap is not None else [str(script), *args]
+        full_env = dict(self.env, **(env or {}))
+        proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, cwd=cwd, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()}")
+        return int(proc.stdout.strip().split(";")[0])
+
+    def job_info(self, job_id: int) -> dict[str, str]:
+        out = self.run("scontrol", "show", "job", "-o", str(job_id), check=False).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def job_state(self, job_id: int) -> str:
+        return self.job_info(job_id).get("JobState", "UNKNOWN")
+
+    def wait_state(self, job_id: int, states: set[str] | str, timeout: float = 300.0) -> str:
+        states = {states} if isinstance(states, str) else set(states)
+        end = time.monotonic() + timeout
+        state = "UNKNOWN"
+        while time.monotonic() < end:
+            state = self.job_state(job_id)
+            if state in states:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} is {state}, not {sorted(states)}, after {timeout}s")
+
+    def wait_done(self, job_id: int, timeout: float = 300.0) -> str:
+        return self.wait_state(job_id, TERMINAL_STATES, timeout)
+
+    def requeue(self, job_id: int) -> None:
+        self.run("scontrol", "requeue", str(job_id))
+
+    def node_pids(self, node: str) -> list[int]:
+        """The node's slurmd, its slurmstepd's and every job process running on it."""
+        pids = set(_pids_with_env("LMFORGE_SLURM_NODE", f"{self.marker}:{node}"))
+        job_pids = set(_pids_with_env("SLURMD_NODENAME", node)) & set(_pids_with_env("SLURM_CONF", str(self.conf)))
+        return sorted(pids | job_pids)
+
+    def stop_node(self, node: str) -> None:
+        """Simulate losing ``node``: SIGKILL its slurmd, step daemons and job processes."""
+        for _ in range(3):  # job processes may fork while we kill; sweep until none remain
+            pids = self.node_pids(node)
+            if not pids:
+                break
+            _kill(pids)
+            time.sleep(0.2)
+        self._slurmd_pid.pop(node, None)
+
+    def stop(self) -> None:
+        if self.conf.exists():
+            self.run("scancel", "--full", "--quiet", "-u", "root", check=False, timeout=20)
+        for pid in list(self._slurmd_pid.values()) + ([self._ctl_pid] if self._ctl_pid else []):
+            _kill([pid], signal.SIGTERM)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and self._alive():
+            time.sleep(0.2)
+        # anything still alive (stuck daemons, orphaned job processes) is killed by PID
+        for _ in range(3):
+            left = self._alive()
+            if not left:
+                break
+            _kill(left)
+            time.sleep(0.2)
+        if self.netns:
+            self._teardown_netns()
+
+    def _alive(self) -> list[int]:
+        ours = set(_pids_with_env("LMFORGE_SLURM_CLUSTER", self.marker))
+        ours |= set(_pids_with_env("SLURM_CONF", str(self.conf)))
+        return sorted(ours)
+
+    def log(self, name: str = "slurmctld") -> str:
+        path = self.root / "log" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _cluster(tmp_path_factory: pytest.TempPathFactory, n_nodes: int, cpus: int) -> Iterator[SlurmCluster]:
+    ensure_slurm()
+    root = tmp_path_factory.mktemp(f"slurm{n_nodes}n")
+    cluster = SlurmCluster(root, n_nodes=n_nodes, cpus_per_node=cpus)
+    try:
+        cluster.start()
+    except Exception as e:  # noqa: BLE001 -- report the daemon logs with the failure
+        cluster.stop()
+        raise RuntimeError(f"could not start the slurm cluster: {e}\n{cluster.log()[-3000:]}") from e
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A one-node cluster (CPUs=2)."""
+    yield from _cluster(tmp_path_factory, n_nodes=1, cpus=2)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster_2n(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A two-node cluster (CPUs=1 each); each node in its own network namespace where possible."""
+    yield from _cluster(tmp_path_factory, n_nodes=2, cpus=1)
