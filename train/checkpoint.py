@@ -1,0 +1,241 @@
+"""Complete-or-nothing checkpoints, keep-last-K, and resume.
+
+Layout (``docs/ARCHITECTURE.md``)::
+
+    <run.dir>/checkpoints/step_0000100/meta.json       format, step, strategy, world_size, model config
+                                       model.pt, optim.pt (format "torch"; others per strategy)
+                                       extra_rank<r>.pt   trainer / data / RNG state of rank r
+    <run.dir>/checkpoints/latest                          "step_0000100"
+
+A checkpoint is written under ``step_NNNNNNN.tmp`` and renamed when every rank has finished, and
+``latest`` is replaced atomically after that, so a crash or a failed save never leaves a partial
+checkpoint under a final name and never touches the previous good one. Everything is read back
+with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from train.distributed import any_rank, barrier
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+_NAME_RE = re.compile(r"^step_(\d{7,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the model (one-line message)."""
+
+
+def ckpt_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names, or None when the run has none."""
+    marker = checkpoints_dir(run_dir) / LATEST
+    if not marker.is_file():
+        return None
+    path = marker.parent / marker.read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"{marker} names {path.name!r}, which is not a complete checkpoint")
+    return path
+
+
+def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
+    """``auto``: this run dir's ``latest`` (None on a fresh run); ``none``: None; else a checkpoint
+    dir (has meta.json) or a run dir (has checkpoints/latest)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"resume={resume}: no such file or directory")
+    if path.is_dir() and (path / "meta.json").exists():
+        return path
+    if path.is_dir() and (checkpoints_dir(path) / LATEST).is_file():
+        return latest_checkpoint(path)
+    raise CheckpointError(f"resume={resume}: not a checkpoint (no meta.json) nor a run dir (no {CKPT_DIR}/{LATEST})")
+
+
+# ---------------------------------------------------------------- reading and writing parts
+
+
+def write_meta(ckpt_dir: Path, *, format: str, step: int, strategy: str, world_size: int,
+               model_config: Mapping[str, Any], **more: Any) -> None:
+    meta = {"format": format, "version": FORMAT_VERSION, "step": int(step), "strategy": strategy,
+            "world_size": int(world_size), "model_config": dict(model_config), **more}
+    (Path(ckpt_dir) / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_meta(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / "meta.json"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir}: meta.json is missing")
+    try:
+        meta = json.loads(path.read_text())
+        for key in ("format", "step", "strategy", "world_size", "model_config"):
+            meta[key]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: meta.json is unreadable ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` with a one-line error for missing / truncated / garbage files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, disallowed globals ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint file {path} is truncated or not a checkpoint ({msg[:160]})") from None
+
+
+def check_shapes(expected: Mapping[str, torch.Size], found: Mapping[str, Any], where: str) -> None:
+    """Name the first tensor whose presence or shape differs between model and checkpoint."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise CheckpointError(f"{where} does not fit the model: tensor {missing[0]!r} is missing "
+                              f"({len(missing)} missing)")
+    unexpected = [k for k in found if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{where} does not fit the model: unexpected tensor {unexpected[0]!r} "
+                              f"({len(unexpected)} unexpected)")
+    for k, shape in expected.items():
+        got = tuple(found[k].shape)
+        if got != tuple(shape):
+            raise CheckpointError(f"{where} does not fit the model: tensor {k!r} has shape {list(got)} "
+                                  f"in the checkpoint but {list(shape)} in the model")
+
+
+def save_extra(ckpt_dir: str | Path, extra: Mapping[str, Any], rank: int) -> None:
+    torch.save(dict(extra), Path(ckpt_dir) / f"extra_rank{rank}.pt")
+
+
+def load_extra(ckpt_dir: str | Path, rank: int) -> dict:
+    """This rank's extra state; on a different world size, rank 0's (RNG streams then differ)."""
+    path = Path(ckpt_dir) / f"extra_rank{rank}.pt"
+    if not path.is_file() and rank > 0:
+        path = Path(ckpt_dir) / "extra_rank0.pt"
+    return torch_load(path)
+
+
+# ---------------------------------------------------------------- RNG state (weights_only-safe)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------- save / load orchestration
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(strategy, run_dir: str | Path, step: int, extra: Mapping[str, Any], *, keep_last: int,
+                    is_main: bool) -> Path:
+    """Collective. Writes ``step_NNNNNNN.tmp`` via ``strategy.save``, renames it, then points
+    ``latest`` at it and prunes to ``keep_last``. On any rank's failure the temp dir is removed,
+    the previous checkpoints and ``latest`` are untouched, and CheckpointError is raised on all ranks."""
+    root = checkpoints_dir(run_dir)
+    final = root / ckpt_name(step)
+    tmp = root / (ckpt_name(step) + ".tmp")
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+        tmp.mkdir()
+    barrier()
+    error: Optional[BaseException] = None
+    try:
+        strategy.save(tmp, dict(extra))
+    except Exception as e:  # noqa: BLE001 - reported below, on every rank
+        error = e
+    if any_rank(error is not None):
+        barrier()
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+        raise CheckpointError(f"saving checkpoint {final} failed ({why}); previous checkpoints kept")
+    barrier()
+    if is_main:
+        if final.exists():  # the same step saved again (e.g. resumed then stopped at once)
+            old = root / (final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _atomic_write_text(root / LATEST, final.name + "\n")
+        if keep_last > 0:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(strategy, ckpt_dir: str | Path) -> dict:
+    """Collective. Validates meta.json, then lets the strategy restore its state; returns ``extra``."""
+    meta = read_meta(ckpt_dir)
+    if meta["format"] != strategy.format:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has format {meta['format']!r} (strategy "
+                              f"{meta['strategy']!r}); strategy={strategy.name} reads {strategy.format!r}")
+    return strategy.load(Path(ckpt_dir))

@@ -1,0 +1,182 @@
+"""Typed (structured) configs behind the Hydra tree in ``conf/``.
+
+Every YAML file in ``conf/`` is merged onto these dataclasses, so a misspelt key or a value of the
+wrong type fails in Hydra's composition step, before any work is done. Precedence is Hydra's:
+CLI override > experiment YAML > group YAML > the dataclass defaults below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+try:  # the data engineer's dataclass is the single definition of data.* keys
+    from train.data import DataConfig
+except ImportError:  # pragma: no cover - only while train/data is being written
+
+    @dataclass
+    class DataConfig:  # type: ignore[no-redef]
+        source: str = "shakespeare"
+        path: Optional[str] = None
+        name: Optional[str] = None
+        split: str = "train"
+        text_field: str = "text"
+        streaming: bool = True
+        num_workers: int = 0
+        tokenizer: str = "gpt2"
+
+
+@dataclass
+class ModelConfig:
+    """A named preset from ``model/config.py`` plus optional per-field overrides.
+
+    Every ``GPTConfig`` field is mirrored here as ``Optional`` and defaults to None ("keep the
+    preset's value"), so presets stay defined once and ``model.n_layer=2`` works from the CLI.
+    """
+
+    preset: str = "gpt2-tiny"
+    init_from: Optional[str] = None  # reserved: a Hugging Face checkpoint dir/name to start from
+    family: Optional[str] = None
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_kv_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    head_dim: Optional[int] = None
+    vocab_size: Optional[int] = None
+    block_size: Optional[int] = None
+    pos: Optional[str] = None
+    rope_theta: Optional[float] = None
+    norm: Optional[str] = None
+    norm_eps: Optional[float] = None
+    mlp: Optional[str] = None
+    ffn_hidden: Optional[int] = None
+    parallel_residual: Optional[bool] = None
+    shared_attn_norm: Optional[bool] = None
+    bias: Optional[bool] = None
+    tie_embeddings: Optional[bool] = None
+    embed_scale: Optional[Any] = None
+    dropout: Optional[float] = None
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is spread over processes. ``single`` and ``ddp`` use only the first and last
+    few keys; the rest belong to ``fsdp`` and ``zero1|zero2|zero3``."""
+
+    name: str = "single"  # single | ddp | fsdp | zero1 | zero2 | zero3
+    offload: str = "none"  # none | optimizer | params
+    # FSDP2
+    reshard_after_forward: bool = True
+    replicate_degree: int = 1  # HSDP: replicas of the sharded group (1 = plain FSDP)
+    # DeepSpeed
+    zero_stage: int = 0
+    ds_config: Optional[str] = None  # path of a DeepSpeed JSON that overrides the generated one
+    overlap_comm: bool = True
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    max_live_parameters: int = 1_000_000_000
+    reduce_bucket_size: int = 500_000_000
+    # DDP
+    find_unused_parameters: bool = False
+    bucket_cap_mb: int = 25
+    # process group
+    backend: Optional[str] = None  # None: nccl (+gloo for CPU tensors) on CUDA, gloo on CPU
+    timeout_s: int = 1800  # a collective hung longer than this ends the run with an error
+
+
+@dataclass
+class PrecisionConfig:
+    """Mixed precision policy. Master weights and optimizer state stay in fp32 for every choice."""
+
+    name: str = "fp32"  # fp32 | bf16 | fp16
+    param_dtype: str = "float32"  # compute dtype: autocast dtype (single/DDP), FSDP param_dtype
+    reduce_dtype: str = "float32"  # gradient reduction dtype (FSDP / DeepSpeed)
+    autocast: bool = False
+    grad_scaler: bool = False  # dynamic loss scaling (needed for fp16)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # end of the cosine decay
+    warmup_steps: int = 20  # linear warm-up from ~0 to lr
+    decay_steps: Optional[int] = None  # length of warm-up + cosine; None = train.max_steps
+    weight_decay: float = 0.1  # applied to >= 2-D weights only
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    fused: Optional[bool] = None  # None: fused AdamW where the device supports it (CUDA)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "online"  # online | offline | disabled
+    project: str = "lmforge"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # run name; default: the run dir's name
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    seq_len: int = 128
+    seed: int = 1337
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (op-level SAC)
+    compile: bool = False  # torch.compile each block
+    device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda
+    log_every: int = 10
+    eval_every: int = 100  # 0 = only at the start and the end
+    eval_steps: int = 20  # val micro-batches per eval
+    ckpt_every: int = 0  # 0 = only at the end (and on SIGTERM/SIGUSR1)
+    keep_last: int = 2  # complete checkpoints kept in checkpoints/
+    sample_every: int = 0  # 0 = only at the end; samples come from rank 0
+    sample_tokens: int = 64
+    sample_prompt: str = "\n"
+    sample_temperature: float = 0.8
+    sample_top_k: Optional[int] = 200
+    max_nan_skips: int = 3  # consecutive non-finite steps skipped before the run stops
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    # test hooks (fault injection): the loss of these steps becomes NaN
+    fault_nan_steps: List[int] = field(default_factory=list)
+    trace_samples: bool = False  # each rank writes trace/rank<r>.jsonl with hashes of its samples
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    resume: str = "auto"  # auto | none | <checkpoint dir or run dir>
+    experiment: Optional[str] = None  # name of the conf/experiment/ file applied, if any
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/config.yaml`` (``defaults: [base_config, ...]``) is typed."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+register_configs()
