@@ -1,0 +1,6 @@
+"""lmforge's model: one GPT covering GPT-2, Falcon, Gemma and Llama (single-device code)."""
+
+from model.config import PRESETS, GPTConfig
+from model.gpt import GPT
+
+__all__ = ["GPT", "GPTConfig", "PRESETS"]

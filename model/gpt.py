@@ -1,0 +1,422 @@
+"""GPT: one decoder-only transformer for GPT-2, Falcon, Gemma and Llama, switched by GPTConfig.
+
+Single-device code. Parallelism (activation checkpointing, compile, FSDP2/DDP, DeepSpeed) is applied from outside.
+Build on `meta`, then `to_empty(device=...)` + `init_weights()`: a 40B model is never built whole in one process.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import GPTConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
+# Wrapper names that activation checkpointing / torch.compile / FSDP1 insert into parameter names; stripped so
+# every parameter keeps the same init seed however the model is wrapped.
+_WRAPPER_TOKENS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+# ---- norms ------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, normalised in fp32. offset=True is Gemma's form: scale by (1 + w) with w stored around 0."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma multiplies in fp32, then casts
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)  # Llama casts, then multiplies
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", offset=1" if self.offset else "")
+
+
+def build_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return RMSNorm(cfg.n_embd, cfg.norm_eps, offset=cfg.norm_offset)
+
+
+# ---- rotary positions -------------------------------------------------------------------------
+
+
+def rope_tables(cfg: GPTConfig, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin tables [block_size, head_dim] in fp32, HF's rotate_half layout (frequencies repeated twice)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.int64).float()
+                                          / cfg.head_dim))
+    t = torch.arange(cfg.block_size, device=device, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, T, hd); cos/sin (T, hd), cast to x's dtype as HF does."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+# ---- KV cache ---------------------------------------------------------------------------------
+
+
+class LayerKVCache:
+    """Preallocated keys/values of one layer, (B, n_kv_head, max_len, head_dim); allocated on first use."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def update(self, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
+        B, H, T, D = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(B, H, self.max_len, D)
+            self.v = v.new_zeros(B, H, self.max_len, D)
+        end = start_pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; got start_pos={start_pos} + {T} tokens")
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One LayerKVCache per block."""
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.layers = [LayerKVCache(max_len) for _ in range(n_layer)]
+
+
+# ---- blocks -----------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Causal self-attention with MHA / GQA / MQA (n_kv_head) and optional RoPE, through SDPA."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.q_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.q_dim, cfg.n_embd, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
+                kv_cache: LayerKVCache | None = None, start_pos: int = 0) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v, start_pos)  # (B, nkv, start_pos + T, hd)
+        mask, causal = None, True
+        if start_pos > 0:  # queries sit after cached keys: SDPA's is_causal would align them top-left
+            causal = False
+            if T > 1:
+                S = k.shape[2]
+                mask = torch.arange(S, device=x.device)[None, :] <= (start_pos + torch.arange(T, device=x.device))[:, None]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_drop(self.o_proj(y))
+
+    def extra_repr(self) -> str:
+        return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}"
+
+
+class MLP(nn.Module):
+    """gelu: down(gelu(up x)); geglu / swiglu: down(act(gate x) * up x)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        self.approximate = cfg.gelu_approximate
+        if cfg.mlp != "gelu":
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "gelu":
+            h = F.gelu(self.up_proj(x), approximate=self.approximate)
+        elif self.kind == "geglu":
+            h = F.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x)
+        else:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.drop(self.down_proj(h))
+
+    def extra_repr(self) -> str:
+        act = "silu" if self.kind == "swiglu" else f"gelu(approximate={self.approximate!r})"
+        return f"kind={self.kind!r}, act={act}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: sequential (GPT-2/Llama/Gemma) or parallel attention + MLP (Falcon)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.parallel = cfg.parallel_residual
+        self.attn_norm = build_norm(cfg)
+        self.attn = Attention(cfg)
+        # Falcon-7B: one LN feeds both branches
+        self.mlp_norm = None if (cfg.parallel_residual and cfg.shared_attn_norm) else build_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
+                kv_cache: LayerKVCache | None = None, start_pos: int = 0) -> Tensor:
+        if not self.parallel:
+            x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, start_pos)
+            return x + self.mlp(self.mlp_norm(x))
+        h = self.attn_norm(x)
+        h_mlp = h if self.mlp_norm is None else self.mlp_norm(x)
+        return x + (self.mlp(h_mlp) + self.attn(h, cos, sin, kv_cache, start_pos))
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    """Token embedding -> n_layer Blocks -> final norm -> LM head. `forward` returns logits (the trainer owns the loss)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.norm_f = build_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos == "rope":  # rebuilt by init_buffers(); never saved
+            self.register_buffer("rope_cos", torch.empty(cfg.block_size, cfg.head_dim), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.block_size, cfg.head_dim), persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        if not self.tok_emb.weight.is_meta:
+            self.init_weights()
+
+    # ---- initialisation ---------------------------------------------------------------------
+
+    def tie_weights(self) -> None:
+        """Re-point lm_head at the token embedding (a device move such as to_empty() can break the tie)."""
+        if self.config.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the non-persistent RoPE tables, by default on the device of the token embedding."""
+        if self.rope_cos is None:
+            return
+        if device is None:
+            device = _local(self.tok_emb.weight).device
+        if torch.device(device).type == "meta":
+            return
+        self.rope_cos, self.rope_sin = rope_tables(self.config, device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and rebuild buffers; deterministic given torch's global seed.
+
+        Each parameter draws its full-shape values from its own generator, seeded by `torch.initial_seed()` and
+        the parameter's name, so the result does not depend on parameter order, on wrappers (activation
+        checkpointing, compile) or on the module being whole: a DTensor shard (FSDP2) receives exactly its slice
+        of the single-process init. The global RNG state is not consumed.
+        Weights ~ N(0, init_std); residual output projections (o_proj, down_proj) ~ N(0, init_std / sqrt(2 n_layer));
+        biases 0; norm weights 1 (0 for Gemma's (1 + w) RMSNorm).
+        """
+        self.tie_weights()
+        base_seed = torch.initial_seed()
+        for name, p in self.named_parameters():
+            _init_param(p, _canonical_name(name), self._init_rule(_canonical_name(name)), base_seed)
+        self.init_buffers()
+
+    def _init_rule(self, name: str) -> tuple[str, float]:
+        cfg = self.config
+        if name.endswith(".bias"):
+            return "const", 0.0
+        if "norm" in name.rsplit(".", 2)[-2]:  # attn_norm / mlp_norm / norm_f weight
+            return "const", 0.0 if cfg.norm_offset else 1.0
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            return "normal", cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        return "normal", cfg.init_std
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(self, idx: Tensor, return_hidden: bool = False, *, kv_cache: KVCache | None = None,
+                start_pos: int = 0) -> Tensor | tuple[Tensor, Tensor]:
+        """idx (B, T) token ids -> logits (B, T, vocab); with return_hidden also the final-normed hidden (B, T, C)."""
+        cfg = self.config
+        B, T = idx.shape
+        if start_pos + T > cfg.block_size:
+            raise ValueError(f"sequence of {start_pos + T} positions exceeds block_size={cfg.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        if cfg.embed_scale:  # Gemma: sqrt(d) rounded to the hidden dtype, as HF does
+            x = x * torch.tensor(cfg.n_embd**0.5, dtype=x.dtype, device=x.device)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
+        x = self.drop(x)
+        cos = sin = None
+        if self.rope_cos is not None:
+            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]  # (T, hd)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, kv_cache.layers[i] if kv_cache is not None else None, start_pos)
+        x = self.norm_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        return (logits, x) if return_hidden else logits
+
+    # ---- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 *, generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 = greedy. Uses a KV cache.
+
+        Once the context fills block_size, each step re-reads the last block_size tokens (sliding window), exactly
+        what uncached decoding does.
+        """
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a LongTensor of shape (B, T); got {tuple(idx.shape)} {idx.dtype}")
+        if idx.shape[1] == 0:
+            raise ValueError("idx must hold at least one token (shape (B, T) with T >= 1)")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+            raise ValueError(f"top_k={top_k!r} must be None or a positive integer")
+        if max_new_tokens == 0:
+            return idx
+        bs = self.config.block_size
+        was_training = self.training
+        self.eval()
+        try:
+            ctx = idx[:, -bs:]
+            cache = KVCache(self.config.n_layer, bs) if use_cache else None
+            logits = self(ctx, kv_cache=cache)[:, -1]
+            pos = ctx.shape[1]
+            for step in range(max_new_tokens):
+                nxt = _sample(logits, temperature, top_k, generator)  # (B, 1)
+                idx = torch.cat([idx, nxt], dim=1)
+                if step == max_new_tokens - 1:
+                    break
+                if cache is not None and pos < bs:
+                    logits = self(nxt, kv_cache=cache, start_pos=pos)[:, -1]
+                    pos += 1
+                else:
+                    logits = self(idx[:, -bs:])[:, -1]
+        finally:
+            self.train(was_training)
+        return idx
+
+    # ---- Hugging Face interop (model/hf.py) -------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path, torch_dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, cache_dir: str | Path | None = None,
+                        low_cpu_mem_usage: bool = True, revision: str | None = None,
+                        local_files_only: bool = False) -> GPT:
+        """Load a Hugging Face gpt2 / falcon / gemma / llama checkpoint (local dir, or the Hub when online)."""
+        from model.hf import from_pretrained
+
+        return from_pretrained(name_or_dir, torch_dtype=torch_dtype, device=device, cache_dir=cache_dir,
+                               low_cpu_mem_usage=low_cpu_mem_usage, revision=revision,
+                               local_files_only=local_files_only)
+
+    def save_pretrained(self, save_directory: str | Path, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True) -> None:
+        """Write config.json + (sharded) safetensors that transformers' AutoModelForCausalLM loads."""
+        from model.hf import save_pretrained
+
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    logits = logits.float()  # (B, V)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ---- init helpers (work on plain tensors and on DTensors without importing torch.distributed) ----
+
+
+def _canonical_name(name: str) -> str:
+    for tok in _WRAPPER_TOKENS:
+        name = name.replace(tok, "")
+    return name
+
+
+def _local(p: Tensor) -> Tensor:
+    """The local tensor of a DTensor (duck-typed), else p itself."""
+    return p.to_local() if hasattr(p, "to_local") and hasattr(p, "placements") else p
+
+
+def _param_seed(base_seed: int, name: str) -> int:
+    return (base_seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def _shard_of(full: Tensor, p: Tensor) -> Tensor:
+    """The slice of the full tensor that DTensor p holds locally (Shard(d) placements split as torch.chunk)."""
+    if not hasattr(p, "placements"):
+        return full
+    out = full
+    mesh = p.device_mesh
+    for mesh_dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            d, n, r = placement.dim, mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+            chunks = torch.chunk(out, n, dim=d)
+            out = chunks[r] if r < len(chunks) else out.narrow(d, 0, 0)
+    return out
+
+
+def _init_param(p: Tensor, name: str, rule: tuple[str, float], base_seed: int) -> None:
+    local = _local(p)
+    if local.is_meta:
+        return
+    kind, value = rule
+    if kind == "const":
+        local.fill_(value)
+        return
+    # draw the full shape in fp32 on the local device, so the values don't depend on sharding or param dtype
+    g = torch.Generator(device=local.device)
+    g.manual_seed(_param_seed(base_seed, name))
+    full = torch.empty(p.shape, dtype=torch.float32, device=local.device).normal_(0.0, value, generator=g)
+    shard = _shard_of(full, p)
+    if shard.shape != local.shape:
+        raise RuntimeError(f"cannot place init of {name}: shard {tuple(shard.shape)} vs local {tuple(local.shape)}")
+    local.copy_(shard)
