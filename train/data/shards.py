@@ -1,0 +1,225 @@
+"""Token shards on disk: a resumable writer and a memmap reader.
+
+Layout of a tokens directory (written by `python -m train.prepare` and by the on-the-fly cache):
+    index.json             header, written last: format, version, tokenizer (+ fingerprint), n_vocab,
+                           eot_token, dtype, corpus fingerprint + description, per split: n_tokens,
+                           n_docs and the shard list [{"file", "n_tokens"}]
+    <split>_<NNNNNN>.bin   raw tokens (uint16 when the vocabulary fits, else uint32); documents are
+                           whole within a shard and each is followed by the EOT token
+    <split>_<NNNNNN>.json  per-shard sidecar (documents covered), so a re-run resumes after it
+Every file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from train.data.errors import DataError, DataPathNotFoundError
+from train.data.tokenizer import Tokenizer
+
+FORMAT = "lmforge-tokens"
+VERSION = 1
+INDEX = "index.json"
+DTYPES = ("uint16", "uint32")
+_GROUP_CHARS = 4 << 20  # characters tokenized per batch call
+
+
+def token_dtype(n_vocab: int) -> str:
+    return "uint16" if n_vocab <= 1 << 16 else "uint32"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _groups(docs: Iterator[str]) -> Iterator[list[str]]:
+    group, size = [], 0
+    for d in docs:
+        group.append(d)
+        size += len(d)
+        if size >= _GROUP_CHARS:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _write_split(out: Path, split: str, docs: Iterator[str], tok: Tokenizer, dtype: str,
+                 shard_tokens: int, num_threads: int, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    # resume: keep complete shards (sidecar present), skip the documents they cover
+    shards, n_docs_done = [], 0
+    while True:
+        side = out / f"{split}_{len(shards):06d}.json"
+        if not side.is_file():
+            break
+        meta = json.loads(side.read_text())
+        shards.append({"file": meta["file"], "n_tokens": meta["n_tokens"]})
+        n_docs_done = meta["doc_end"]
+    n_tokens = sum(s["n_tokens"] for s in shards)
+
+    bar = tqdm(desc=f"tokenize {split}", unit="tok", unit_scale=True, disable=not progress or None,
+               initial=n_tokens)
+    buf: list[np.ndarray] = []
+    buf_len, doc_i, shard_doc_start = 0, 0, n_docs_done
+    eot = np.array([tok.eot_token], dtype=dtype)
+
+    def flush() -> None:
+        nonlocal buf, buf_len, shard_doc_start, n_tokens
+        k = len(shards)
+        name = f"{split}_{k:06d}.bin"
+        _write_atomic(out / name, np.concatenate(buf).astype(dtype, copy=False).tobytes())
+        meta = {"file": name, "n_tokens": buf_len, "doc_start": shard_doc_start, "doc_end": doc_i}
+        _write_atomic(out / f"{split}_{k:06d}.json", json.dumps(meta).encode())
+        shards.append({"file": name, "n_tokens": buf_len})
+        n_tokens += buf_len
+        buf, buf_len, shard_doc_start = [], 0, doc_i
+
+    def pending() -> Iterator[str]:
+        nonlocal doc_i
+        for d in docs:
+            if doc_i < n_docs_done:  # already in a complete shard
+                doc_i += 1
+                continue
+            yield d
+
+    for group in _groups(pending()):
+        for ids in tok.encode_batch(group, num_threads=num_threads):
+            arr = np.asarray(ids, dtype=dtype)
+            buf.extend((arr, eot))
+            buf_len += len(arr) + 1
+            doc_i += 1
+            bar.update(len(arr) + 1)
+            if buf_len >= shard_tokens:
+                flush()
+    if buf_len:
+        flush()
+    bar.close()
+    return {"n_tokens": n_tokens, "n_docs": doc_i, "shards": shards}
+
+
+def write_tokens(out: Path, splits: dict[str, Callable[[], Iterator[str]]], tok: Tokenizer, *,
+                 fingerprint: str, source: dict, shard_tokens: int = 50_000_000, num_threads: int = 4,
+                 progress: bool = True) -> dict:
+    """Tokenize every split's documents into `out`; resumes after complete shards; returns the header.
+
+    A directory already holding a different corpus / tokenizer is refused, never overwritten.
+    """
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tok.n_vocab)
+    ident = {"format": FORMAT, "version": VERSION, "tokenizer": tok.name, "tokenizer_fingerprint": tok.fingerprint,
+             "n_vocab": tok.n_vocab, "eot_token": tok.eot_token, "dtype": dtype, "fingerprint": fingerprint,
+             "shard_tokens": shard_tokens}
+    manifest = out / "prepare.json"
+    if (out / INDEX).is_file():
+        header = json.loads((out / INDEX).read_text())
+        if all(header.get(k) == v for k, v in ident.items()):
+            return header  # already complete
+        raise DataError(f"{out} already holds tokens of another corpus or tokenizer; choose an empty --out dir")
+    if manifest.is_file():
+        if json.loads(manifest.read_text()) != ident:
+            raise DataError(f"{out} holds an unfinished prepare of another corpus, tokenizer or shard size; "
+                            f"choose an empty --out dir")
+    elif any(out.glob("*.bin")):
+        raise DataError(f"{out} holds unrelated .bin files; choose an empty --out dir")
+    else:
+        _write_atomic(manifest, json.dumps(ident).encode())
+    header = dict(ident, source=source, splits={})
+    for split, docs in splits.items():
+        header["splits"][split] = _write_split(out, split, docs(), tok, dtype, shard_tokens, num_threads, progress)
+    _write_atomic(out / INDEX, json.dumps(header, indent=1).encode())
+    return header
+
+
+class TokenStore:
+    """One split of a tokens directory as a single token stream (memmapped shards, opened lazily).
+
+    Pickles without its memmaps, so DataLoader workers reopen the files themselves.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, tok: Tokenizer | None = None) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.header = read_header(self.root, tok)
+        if split not in self.header["splits"]:
+            raise DataError(f"tokens dir {str(self.root)!r} has no split {split!r} "
+                            f"(splits: {sorted(self.header['splits'])})")
+        info = self.header["splits"][split]
+        self.dtype = np.dtype(self.header["dtype"])
+        self.files = [self.root / s["file"] for s in info["shards"]]
+        sizes = [int(s["n_tokens"]) for s in info["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+        self.n_tokens = self.offsets[-1]
+        for f, n in zip(self.files, sizes):
+            if not f.is_file():
+                raise DataError(f"tokens dir {str(self.root)!r}: shard {f.name} is missing")
+            if f.stat().st_size != n * self.dtype.itemsize:
+                raise DataError(f"tokens dir {str(self.root)!r}: shard {f.name} has {f.stat().st_size} bytes, "
+                                f"header says {n} {self.dtype.name} tokens ({n * self.dtype.itemsize} bytes)")
+        self._maps: list[np.memmap] | None = None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _maps=None)
+
+    def _shards(self) -> list[np.memmap]:
+        if self._maps is None:
+            self._maps = [np.memmap(f, dtype=self.dtype, mode="r") for f in self.files]
+        return self._maps
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """tokens[start : start + length] of the split's stream as int64 (may span shards)."""
+        maps, parts, end = self._shards(), [], start + length
+        k = bisect.bisect_right(self.offsets, start) - 1
+        while start < end:
+            lo = start - self.offsets[k]
+            take = min(end, self.offsets[k + 1]) - start
+            parts.append(maps[k][lo:lo + take])
+            start += take
+            k += 1
+        return np.concatenate(parts).astype(np.int64) if len(parts) > 1 else parts[0].astype(np.int64)
+
+
+def read_header(root: Path, tok: Tokenizer | None = None) -> dict:
+    """index.json of a tokens dir, validated; one-line DataError on anything wrong."""
+    if not root.is_dir():
+        raise DataPathNotFoundError(f"tokens dir {str(root)!r} does not exist; write it with python -m train.prepare")
+    f = root / INDEX
+    if not f.is_file():
+        hint = " (an unfinished prepare: re-run it to resume)" if (root / "prepare.json").is_file() else ""
+        raise DataError(f"tokens dir {str(root)!r} has no {INDEX}{hint}; write it with python -m train.prepare")
+    try:
+        h = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"tokens dir {str(root)!r}: {INDEX} is not valid JSON ({e})")
+    if not isinstance(h, dict) or h.get("format") != FORMAT:
+        raise DataError(f"tokens dir {str(root)!r}: {INDEX} is not an {FORMAT} header")
+    if h.get("version") != VERSION:
+        raise DataError(f"tokens dir {str(root)!r}: header version {h.get('version')!r}, supported: {VERSION}")
+    if h.get("dtype") not in DTYPES:
+        raise DataError(f"tokens dir {str(root)!r}: dtype {h.get('dtype')!r}, allowed: {', '.join(DTYPES)}")
+    splits = h.get("splits")
+    if not isinstance(splits, dict) or not all(
+        isinstance(s, dict) and isinstance(s.get("shards"), list)
+        and all(isinstance(x, dict) and "file" in x and "n_tokens" in x for x in s["shards"])
+        for s in splits.values()
+    ):
+        raise DataError(f"tokens dir {str(root)!r}: {INDEX} has no valid 'splits' shard lists")
+    if tok is not None and h.get("tokenizer_fingerprint") != tok.fingerprint:
+        raise DataError(f"tokens dir {str(root)!r} was tokenized with {h.get('tokenizer')!r} "
+                        f"(n_vocab {h.get('n_vocab')}), not with data.tokenizer={tok.name!r}")
+    return h
