@@ -8,24 +8,11 @@ CLI override > experiment YAML > group YAML > the dataclass defaults below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-try:  # the data engineer's dataclass is the single definition of data.* keys
-    from train.data import DataConfig
-except ImportError:  # pragma: no cover - only while train/data is being written
-
-    @dataclass
-    class DataConfig:  # type: ignore[no-redef]
-        source: str = "shakespeare"
-        path: Optional[str] = None
-        name: Optional[str] = None
-        split: str = "train"
-        text_field: str = "text"
-        streaming: bool = True
-        num_workers: int = 0
-        tokenizer: str = "gpt2"
+from train.data.config import DataConfig  # the data engineer's dataclass defines data.* keys
 
 
 @dataclass
@@ -50,14 +37,22 @@ class ModelConfig:
     rope_theta: Optional[float] = None
     norm: Optional[str] = None
     norm_eps: Optional[float] = None
+    norm_offset: Optional[bool] = None
     mlp: Optional[str] = None
+    gelu_approximate: Optional[str] = None
     ffn_hidden: Optional[int] = None
     parallel_residual: Optional[bool] = None
     shared_attn_norm: Optional[bool] = None
     bias: Optional[bool] = None
     tie_embeddings: Optional[bool] = None
-    embed_scale: Optional[Any] = None
+    embed_scale: Optional[bool] = None
     dropout: Optional[float] = None
+    init_std: Optional[float] = None
+
+    def overrides(self) -> dict:
+        """The GPTConfig fields set here (non-None), to apply on top of the preset."""
+        skip = {"preset", "init_from"}
+        return {k: v for k, v in vars(self).items() if k not in skip and v is not None}
 
 
 @dataclass
@@ -170,7 +165,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     resume: str = "auto"  # auto | none | <checkpoint dir or run dir>
-    experiment: Optional[str] = None  # name of the conf/experiment/ file applied, if any
 
 
 def register_configs() -> None:

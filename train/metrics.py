@@ -1,0 +1,206 @@
+"""What a run reports: ``metrics.jsonl``, the console line, ``loss.png``, Weights & Biases, and
+the hardware figures behind MFU (``peak_flops``) and memory (``memory_gb``).
+
+Only rank 0 constructs a ``MetricsLogger``; the others never touch the run dir or the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+log = logging.getLogger("train")
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' datasheets; matched on the device name.
+_KNOWN_PEAKS_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("A10G", 125.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("V100", 125.0),
+)
+_MEASURED: dict[tuple[str, str], float] = {}
+
+
+def _measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeat: int = 8) -> float:
+    """Achieved FLOP/s of a square matmul: the stand-in peak for devices without a datasheet entry."""
+    a = torch.randn(n, n, device=device, generator=None).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up (kernel selection, caches)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        torch.mm(a, b)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * repeat / max(time.perf_counter() - t0, 1e-9)
+
+
+def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
+    """Peak FLOP/s of one device for MFU, and where the number comes from.
+
+    Known NVIDIA GPUs: the datasheet's dense bf16 figure (fp32 runs are still measured against it,
+    as is customary); source ``"datasheet:<name>"``. Anything else (CPU, unknown GPU): a timed
+    matmul in ``dtype``, cached per process; source ``"measured"``. The measurement uses its own
+    random generator state so training RNG streams are not disturbed.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in _KNOWN_PEAKS_TFLOPS:
+            if key in name:
+                return tflops * 1e12, f"datasheet:{key}"
+    key = (str(device), str(dtype))
+    if key not in _MEASURED:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _MEASURED[key] = _measure_matmul_flops(device, dtype)
+    return _MEASURED[key], "measured"
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on GPU, peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_line(m: Mapping[str, Any]) -> str:
+    """The one-line console progress report."""
+    return (f"step {m['step']:>6} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
+            f"{m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.2f}% | mem {m['mem_gb']:.2f} GB")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(events: list[dict], path: Path) -> None:
+    """loss.png: train loss per logged step and val loss per eval (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in events if "loss" in e and math.isfinite(e["loss"])]
+    val = [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", lw=1.5, ms=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """Rank 0's sink for events: metrics.jsonl (one JSON object per line), loss.png, optional W&B."""
+
+    def __init__(self, run_dir: Path, cfg, *, resume_step: Optional[int], wandb_id: Optional[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        # a resumed run keeps the events up to its checkpoint and drops those the crashed run logged later
+        self.events = [e for e in read_metrics(self.run_dir) if resume_step is not None and e["step"] <= resume_step]
+        tmp = self.path.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in self.events))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        self.wandb = WandbLogger(cfg, self.run_dir, wandb_id) if cfg.logger.name == "wandb" else None
+
+    @property
+    def wandb_id(self) -> Optional[str]:
+        return self.wandb.run_id if self.wandb is not None else None
+
+    def log(self, event: Mapping[str, Any]) -> None:
+        event = dict(event)
+        self.events.append(event)
+        self._file.write(json.dumps(event) + "\n")
+        self._file.flush()
+        if self.wandb is not None:
+            self.wandb.log(event)
+
+    def plot(self) -> None:
+        plot_losses(self.events, self.run_dir / "loss.png")
+
+    def sample(self, step: int, prompt: str, text: str) -> None:
+        if self.wandb is not None:
+            self.wandb.log_sample(step, prompt, text)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        if self.wandb is not None:
+            self.wandb.summary(values)
+
+    def close(self) -> None:
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class WandbLogger:
+    """Weights & Biases: the resolved config, every metric event, and text samples as a table.
+
+    ``mode=offline`` writes ``<run.dir>/wandb/offline-run-*`` for ``wandb sync`` later; ``disabled``
+    makes no network attempt. The W&B run id is kept in the checkpoint so a resumed run continues
+    the same W&B run.
+    """
+
+    def __init__(self, cfg, run_dir: Path, run_id: Optional[str]) -> None:
+        import wandb
+        from omegaconf import OmegaConf
+
+        w = cfg.logger.wandb
+        if w.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"logger.wandb.mode={w.mode!r} is not one of online, offline, disabled")
+        self._wandb = wandb
+        self._samples: list[list[Any]] = []
+        self.run = wandb.init(
+            project=w.project, entity=w.entity, name=w.name or run_dir.name, group=w.group,
+            tags=list(w.tags), mode=w.mode, dir=str(run_dir), id=run_id, resume="allow" if run_id else None,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        self.run_id = self.run.id if self.run is not None else None
+
+    def log(self, event: Mapping[str, Any]) -> None:
+        data = {k: v for k, v in event.items() if k != "step"}
+        if "val_loss" in data:
+            data = {"val/loss": data["val_loss"], "val/perplexity": math.exp(min(data["val_loss"], 50.0))}
+        else:
+            data = {f"train/{k}": v for k, v in data.items()}
+        self.run.log(data, step=int(event["step"]))
+
+    def log_sample(self, step: int, prompt: str, text: str) -> None:
+        self._samples.append([step, prompt, text])
+        # a fresh Table each time: W&B tables are immutable once logged
+        self.run.log({"samples": self._wandb.Table(columns=["step", "prompt", "text"], data=list(self._samples))},
+                     step=step)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        for k, v in values.items():
+            self.run.summary[k] = v
+
+    def finish(self) -> None:
+        self.run.finish()

@@ -1,0 +1,283 @@
+"""The training loop: micro-steps with gradient accumulation, optimizer steps, logging, eval,
+samples, checkpoints, signals and non-finite losses. Everything parallel sits behind ``Strategy``.
+
+Host syncs: one per optimizer step (the finite-gradient check in ``Strategy.step``), the
+all-reduced stop flag (a CPU tensor) when distributed, and the log/eval steps. Micro-steps never
+call ``.item()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from train.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from train.distributed import DistInfo, all_reduce_mean, any_rank
+from train.metrics import MetricsLogger, format_line, memory_gb, peak_flops
+from train.sample import generate_text
+
+log = logging.getLogger("train")
+
+EXIT_OK = 0
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL: requeue me)
+EXIT_NAN = 3  # stopped after train.max_nan_skips non-finite steps in a row
+
+
+class StopTraining(Exception):
+    """Ends the loop early with an exit code and a one-line message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SignalFlag:
+    """SIGTERM / SIGUSR1 set a flag (handled at the next step boundary, not mid-step)."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.received_at: Optional[float] = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum, self.received_at = signum, time.time()
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: Path, dist: DistInfo, strategy, tokenizer, train_loader, val_loader) -> None:
+        self.cfg, self.run_dir, self.dist, self.strategy = cfg, Path(run_dir), dist, strategy
+        self.tok, self.train_loader, self.val_loader = tokenizer, train_loader, val_loader
+        self.resumed_from: Optional[Path] = None
+        t = cfg.train
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * dist.world_size
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0  # training wall time of earlier (resumed) segments
+        self.nan_skips = 0
+        self.wandb_id: Optional[str] = None
+        self.signals = SignalFlag()
+        self.logger: Optional[MetricsLogger] = None
+        self._trace = None
+
+    # ------------------------------------------------------------ state
+
+    def extra_state(self) -> dict:
+        return {"trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed + self._seg_time(),
+                            "nan_skips": self.nan_skips, "wandb_id": self.wandb_id},
+                "data": self.train_loader.state_dict(), "rng": rng_state()}
+
+    def load_extra(self, extra: dict) -> None:
+        tr = extra["trainer"]
+        self.step, self.tokens, self.elapsed = int(tr["step"]), int(tr["tokens"]), float(tr["elapsed"])
+        self.nan_skips, self.wandb_id = int(tr["nan_skips"]), tr.get("wandb_id")
+        self.train_loader.load_state_dict(extra["data"])
+        set_rng_state(extra["rng"])
+
+    def resume(self, ckpt_dir: Path) -> None:
+        """Collective: restore model, optimizer, scheduler, scaler (strategy) and trainer/data/RNG state."""
+        from train.checkpoint import load_checkpoint
+
+        self.load_extra(load_checkpoint(self.strategy, ckpt_dir))
+        self.resumed_from = Path(ckpt_dir)
+        if self.dist.is_main:
+            log.info(f"resumed from {ckpt_dir} at step {self.step} ({self.tokens:,} tokens)")
+
+    def _seg_time(self) -> float:
+        return time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0
+
+    # ------------------------------------------------------------ pieces
+
+    def evaluate(self) -> float:
+        """Mean val loss over ``train.eval_steps`` micro-batches per rank, averaged over ranks."""
+        total = torch.zeros((), device=self.dist.device)
+        n = 0
+        for i, (x, y) in enumerate(self.val_loader):
+            if i >= self.cfg.train.eval_steps:
+                break
+            x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
+            logits = self.strategy.eval_logits(x)
+            total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            n += 1
+        return all_reduce_mean(total / max(n, 1)).item()
+
+    def sample(self) -> str:
+        t = self.cfg.train
+        return generate_text(self.strategy, self.tok, t.sample_prompt, t.sample_tokens,
+                             temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed + self.step)
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.strategy, self.run_dir, self.step, self.extra_state(),
+                               keep_last=self.cfg.train.keep_last, is_main=self.dist.is_main)
+        if self.dist.is_main:
+            log.info(f"saved checkpoint {path}")
+        return path
+
+    def _log_eval(self) -> float:
+        val = self.evaluate()
+        if self.logger is not None:
+            self.logger.log({"step": self.step, "val_loss": val})
+            self.logger.plot()
+            log.info(f"step {self.step:>6} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f}")
+        return val
+
+    def _log_sample(self) -> None:
+        text = self.sample()
+        if self.logger is not None:
+            log.info(f"sample at step {self.step}:\n{self.cfg.train.sample_prompt}{text}\n" + "-" * 60)
+            self.logger.sample(self.step, self.cfg.train.sample_prompt, text)
+
+    def _trace_batch(self, x: torch.Tensor, micro: int) -> None:
+        """Test hook: which samples this rank saw (hash of each sequence)."""
+        if self._trace is None:
+            (self.run_dir / "trace").mkdir(exist_ok=True)
+            self._trace = open(self.run_dir / "trace" / f"rank{self.dist.rank}.jsonl", "a")
+        hashes = [hashlib.sha1(row.cpu().numpy().tobytes()).hexdigest()[:16] for row in x]
+        self._trace.write(json.dumps({"step": self.step + 1, "micro": micro, "samples": hashes}) + "\n")
+        self._trace.flush()
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> int:
+        """Train to ``train.max_steps`` (or a signal / NaN stop). Returns the process exit code."""
+        cfg, t, dist = self.cfg, self.cfg.train, self.dist
+        if dist.is_main:
+            self.logger = MetricsLogger(self.run_dir, cfg, resume_step=self.step if self.resumed_from else None,
+                                        wandb_id=self.wandb_id)
+            self.wandb_id = self.logger.wandb_id
+        flops_per_token = _flops_per_token(self.strategy.gpt_config, t.seq_len)
+        peak, peak_src = peak_flops(dist.device, self.strategy.precision.param_dtype)
+        if dist.is_main:
+            log.info(f"MFU reference: {peak / 1e12:.1f} TFLOP/s per device ({peak_src}); "
+                     f"{flops_per_token / 1e6:.2f} MFLOP/token; {self.tokens_per_step:,} tokens/step")
+        self.signals.install()
+        code, message = EXIT_OK, None
+        try:
+            if self.step == 0 and t.eval_steps > 0:
+                self._log_eval()
+            code = self._loop(flops_per_token, peak)
+        except StopTraining as stop:
+            code, message = stop.code, str(stop)
+        finally:
+            self.signals.restore()
+            if self._trace is not None:
+                self._trace.close()
+        if dist.is_main and self.logger is not None:
+            self.logger.summary({"final_step": self.step, "tokens": self.tokens})
+            self.logger.plot()
+            self.logger.close()
+        if message is not None and dist.is_main:
+            log.error(message)
+        return code
+
+    def _loop(self, flops_per_token: float, peak: float) -> int:
+        cfg, t, dist, strategy = self.cfg, self.cfg.train, self.dist, self.strategy
+        device = dist.device
+        nan_steps = set(int(s) for s in t.fault_nan_steps)
+        it = iter(self.train_loader)
+        self._t0 = time.perf_counter()
+        t_log, tokens_log = self._t0, self.tokens
+        loss_sum = torch.zeros((), device=device)  # summed step losses since the last log (on device)
+        n_sum = 0
+        last_val: Optional[float] = None
+        while self.step < t.max_steps:
+            step_loss = torch.zeros((), device=device)
+            for micro in range(t.grad_accum):
+                x, y = next(it)
+                if t.trace_samples:
+                    self._trace_batch(x, micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                step_loss += strategy.micro_step(x, y, last=micro == t.grad_accum - 1)
+            if self.step + 1 in nan_steps:  # fault injection: as if the loss had overflowed
+                step_loss.fill_(float("nan"))
+                for p in strategy.raw_model.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+            lr = strategy.optimizer.param_groups[0]["lr"]
+            grad_norm, skipped = strategy.step()
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            if skipped:
+                self._handle_skip(step_loss)
+            else:
+                self.nan_skips = 0
+                loss_sum += step_loss
+                n_sum += 1
+            stop = any_rank(self.signals.signum is not None)
+            final = self.step == t.max_steps
+            if self.step % t.log_every == 0 or final or stop:
+                now = time.perf_counter()
+                loss = all_reduce_mean(loss_sum / max(n_sum, 1)).item() if n_sum else float("nan")
+                tps = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
+                event = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                         "tokens": self.tokens, "tokens_per_s": tps,
+                         "mfu": tps * flops_per_token / (peak * dist.world_size),
+                         "mem_gb": memory_gb(device), "time": self.elapsed + (now - self._t0)}
+                if self.logger is not None:
+                    self.logger.log(event)
+                    log.info(format_line(event))
+                loss_sum.zero_()
+                n_sum = 0
+                t_log, tokens_log = time.perf_counter(), self.tokens
+            if (t.eval_every and self.step % t.eval_every == 0) or final:
+                if t.eval_steps > 0:
+                    last_val = self._log_eval()
+            if (t.sample_every and self.step % t.sample_every == 0) or final:
+                if t.sample_tokens > 0:
+                    self._log_sample()
+            if (t.ckpt_every and self.step % t.ckpt_every == 0) or final or stop:
+                self.save()
+            if stop:
+                return self._preempted()
+        if dist.is_main:
+            figures = f"final: step {self.step}, {self.tokens:,} tokens, {self.elapsed + self._seg_time():.1f} s"
+            if last_val is not None:
+                figures += f", val loss {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.2f})"
+            log.info(figures)
+        return EXIT_OK
+
+    def _handle_skip(self, step_loss: torch.Tensor) -> None:
+        """A step whose gradients were not finite was skipped. With loss scaling that is routine
+        (the scale was too high) unless the loss itself is not finite."""
+        loss_bad = any_rank(not bool(torch.isfinite(step_loss)))
+        if self.strategy.scaler is not None and not loss_bad:
+            return
+        self.nan_skips += 1
+        if self.dist.is_main:
+            log.warning(f"step {self.step}: non-finite loss/gradients, update skipped "
+                        f"({self.nan_skips}/{self.cfg.train.max_nan_skips} in a row)")
+        if self.nan_skips >= self.cfg.train.max_nan_skips:
+            last = latest_checkpoint(self.run_dir)
+            raise StopTraining(EXIT_NAN, f"error: step {self.step}: loss not finite for {self.nan_skips} steps in a "
+                                         f"row (train.max_nan_skips={self.cfg.train.max_nan_skips}); stopped. Last "
+                                         f"good checkpoint: {last if last is not None else 'none'}")
+
+    def _preempted(self) -> int:
+        took = time.time() - (self.signals.received_at or time.time())
+        if self.dist.is_main:
+            name = signal.Signals(self.signals.signum).name if self.signals.signum else "a signal on another rank"
+            log.warning(f"received {name}: finished step {self.step}, saved a checkpoint, exiting with code "
+                        f"{EXIT_PREEMPTED} ({took:.1f} s from signal to exit)")
+        return EXIT_PREEMPTED
+
+
+def _flops_per_token(gpt_config, seq_len: int) -> float:
+    from model.stats import flops_per_token
+
+    return float(flops_per_token(gpt_config, seq_len))
