@@ -3,4 +3,4 @@
 from model.config import PRESETS, GPTConfig
 from model.gpt import GPT
 
-__all__ = ["GPT", "GPTConfig", "PRESETS"]
+__all__ = ["GPT", "PRESETS", "GPTConfig"]

@@ -158,16 +158,16 @@ def _positive_int(name: str, value: Any) -> None:
 # ---- presets ----------------------------------------------------------------------------------
 # Each preset is data: field overrides on the GPTConfig defaults. The comment above each names its source.
 
-_GPT2 = dict(family="gpt2", vocab_size=50257, block_size=1024, pos="learned", norm="layernorm", norm_eps=1e-5,
-             mlp="gelu", gelu_approximate="tanh", bias=True, tie_embeddings=True)
-_FALCON = dict(family="falcon", vocab_size=65024, block_size=2048, pos="rope", rope_theta=10000.0, norm="layernorm",
-               norm_eps=1e-5, mlp="gelu", gelu_approximate="none", bias=False, tie_embeddings=True,
-               parallel_residual=True)
-_GEMMA = dict(family="gemma", vocab_size=256000, block_size=8192, pos="rope", rope_theta=10000.0, norm="rmsnorm",
-              norm_eps=1e-6, norm_offset=True, mlp="geglu", gelu_approximate="tanh", bias=False,
-              tie_embeddings=True, embed_scale=True)
-_LLAMA = dict(family="llama", vocab_size=128256, block_size=8192, pos="rope", rope_theta=500000.0, norm="rmsnorm",
-              norm_eps=1e-5, mlp="swiglu", bias=False, tie_embeddings=False)
+_GPT2 = {"family": "gpt2", "vocab_size": 50257, "block_size": 1024, "pos": "learned", "norm": "layernorm",
+         "norm_eps": 1e-5, "mlp": "gelu", "gelu_approximate": "tanh", "bias": True, "tie_embeddings": True}
+_FALCON = {"family": "falcon", "vocab_size": 65024, "block_size": 2048, "pos": "rope", "rope_theta": 10000.0,
+           "norm": "layernorm", "norm_eps": 1e-5, "mlp": "gelu", "gelu_approximate": "none", "bias": False,
+           "tie_embeddings": True, "parallel_residual": True}
+_GEMMA = {"family": "gemma", "vocab_size": 256000, "block_size": 8192, "pos": "rope", "rope_theta": 10000.0,
+          "norm": "rmsnorm", "norm_eps": 1e-6, "norm_offset": True, "mlp": "geglu", "gelu_approximate": "tanh",
+          "bias": False, "tie_embeddings": True, "embed_scale": True}
+_LLAMA = {"family": "llama", "vocab_size": 128256, "block_size": 8192, "pos": "rope", "rope_theta": 500000.0,
+          "norm": "rmsnorm", "norm_eps": 1e-5, "mlp": "swiglu", "bias": False, "tie_embeddings": False}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # https://huggingface.co/openai-community/gpt2/blob/main/config.json

@@ -210,6 +210,16 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         cfg = config
+        # Build on meta, then materialise once: no wasted default init, and the global RNG is left untouched, so
+        # a plain GPT(cfg) and the meta -> to_empty -> init_weights() path leave the same RNG state behind.
+        device = torch.empty(0).device  # honours an enclosing `with torch.device(...)`
+        with torch.device("meta"):
+            self._build(cfg)
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights()
+
+    def _build(self, cfg: GPTConfig) -> None:
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -223,8 +233,6 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", torch.empty(cfg.block_size, cfg.head_dim), persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
-        if not self.tok_emb.weight.is_meta:
-            self.init_weights()
 
     # ---- initialisation ---------------------------------------------------------------------
 
@@ -276,7 +284,7 @@ class GPT(nn.Module):
                 start_pos: int = 0) -> Tensor | tuple[Tensor, Tensor]:
         """idx (B, T) token ids -> logits (B, T, vocab); with return_hidden also the final-normed hidden (B, T, C)."""
         cfg = self.config
-        B, T = idx.shape
+        T = idx.shape[1]  # idx (B, T)
         if start_pos + T > cfg.block_size:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds block_size={cfg.block_size}")
         x = self.tok_emb(idx)  # (B, T, C)
