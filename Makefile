@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: train test setup lint clean
+.PHONY: train test setup slurm lint clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(PY) -m train $(ARGS)
 
-test: $(STAMP)
+# The Slurm integration tests start a real cluster from Debian's slurm-wlm: install it when missing
+# (as root); without it those tests skip and say why.
+slurm:
+	-@bash launch/slurm/install-slurm.sh
+
+test: $(STAMP) slurm
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
