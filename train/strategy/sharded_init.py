@@ -1,0 +1,110 @@
+"""Initialize a sharded model so its weights equal the single-process init for the same seed.
+
+`model.init_weights()` is written for one device: it draws from the global RNG, parameter by
+parameter. On sharded parameters (FSDP2 DTensor shards, DeepSpeed ZeRO-3 partitions) the same
+call would draw only local-size numbers, so the weights would depend on the world size.
+`replay_init` runs `init_weights()` under a torch-function mode that redirects every init op on a
+sharded parameter to a full-size temporary of that one parameter (the global RNG advances exactly
+as in the single-process run), then keeps only the local shard. Peak extra memory is one full
+parameter, never the whole model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.overrides import TorchFunctionMode
+
+# Tensor methods that overwrite every element from the RNG or a constant: replayed on a temporary.
+_OVERWRITE_METHODS = {
+    torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.random_, torch.Tensor.bernoulli_,
+    torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_, torch.Tensor.log_normal_,
+}
+# nn.init functions that dispatch through __torch_function__ themselves (the rest reach us as the
+# Tensor methods above); all of them overwrite the whole tensor.
+_INIT_FUNCS = {getattr(nn.init, n) for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")}
+
+
+def _is_ds_param(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and hasattr(t, "ds_id")
+
+
+def local_shard_of(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """The slice of `full` (global tensor) that this rank holds under `like`'s placements."""
+    local = full
+    coord = like.device_mesh.get_coordinate()
+    assert coord is not None, "this rank is not part of the parameter's mesh"
+    for mesh_dim, placement in enumerate(like.placements):
+        if placement.is_shard():
+            dim = placement.dim  # type: ignore[attr-defined]
+            chunks = torch.chunk(local, like.device_mesh.size(mesh_dim), dim=dim)
+            idx = coord[mesh_dim]
+            # torch.chunk may give fewer chunks than ranks: trailing ranks hold an empty shard
+            local = chunks[idx] if idx < len(chunks) else local.narrow(dim, 0, 0)
+    return local
+
+
+def _is_inplace(func: Callable) -> bool:
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.startswith("__")  # normal_, mul_, copy_; not __get__
+
+
+def _is_data_getter(func: Callable) -> bool:
+    return getattr(func, "__name__", "") == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") == "data"
+
+
+class _ReplayInitMode(TorchFunctionMode):
+    """Torch-function mode behind `replay_init`; holds at most one gathered ZeRO-3 parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gathered: Any = None
+        self._gathered_param: torch.Tensor | None = None
+
+    def release(self) -> None:
+        if self._gathered is not None:
+            self._gathered.__exit__(None, None, None)
+            self._gathered, self._gathered_param = None, None
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None):
+        kwargs = dict(kwargs or {})
+        if not args and "tensor" in kwargs:  # nn.init.* forward their tensor as a keyword
+            args = (kwargs.pop("tensor"),)
+        target = args[0] if args else None
+        if isinstance(target, DTensor) and (func in _OVERWRITE_METHODS or func in _INIT_FUNCS):
+            full = torch.empty(target.shape, dtype=target.dtype)  # one parameter, on CPU
+            func(full, *args[1:], **kwargs)
+            with torch.no_grad():
+                target.to_local().copy_(local_shard_of(full, target))
+            return target
+        if isinstance(target, DTensor) and func is torch.Tensor.copy_ and not isinstance(args[1], DTensor):
+            with torch.no_grad():
+                target.to_local().copy_(local_shard_of(args[1].to(target.dtype), target))
+            return target
+        if _is_ds_param(target) and (_is_inplace(func) or _is_data_getter(func)):
+            # Gather this one parameter (releasing the previous one) and let every rank run the op:
+            # all ranks draw what one process would; on release rank 0's values are re-partitioned.
+            if target is not self._gathered_param:
+                self.release()
+                import deepspeed  # ZeRO-3 parameters exist only when DeepSpeed is in use
+
+                self._gathered = deepspeed.zero.GatheredParameters([target], modifier_rank=0)
+                self._gathered.__enter__()
+                self._gathered_param = target
+            with torch.no_grad():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def replay_init(model: nn.Module, init: Callable[[], None] | None = None) -> None:
+    """Run `init` (default `model.init_weights`) so sharded parameters get the single-process values.
+
+    All ranks must call it with the same RNG state (same seed); it is collective under ZeRO-3.
+    """
+    mode = _ReplayInitMode()
+    with mode:
+        (init or model.init_weights)()
+    mode.release()  # outside the mode: the re-partition's own ops must not be intercepted
