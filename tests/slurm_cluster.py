@@ -102,7 +102,8 @@ class SlurmCluster:
         self.nodes = [f"node{k + 1}" for k in range(n_nodes)]
         self.conf = root / "slurm.conf"
         self.marker = uuid.uuid4().hex[:12]  # env marker on every daemon we start
-        self.netns = _netns_works() if netns is None else netns
+        # separate network namespaces only matter between nodes; one node stays on loopback
+        self.netns = (n_nodes > 1 and _netns_works()) if netns is None else netns
         tag = self.marker[:6]
         self._ns = {n: f"lmf{tag}{k}" for k, n in enumerate(self.nodes, 1)}
         self._bridge = f"lmfbr{tag}"
@@ -218,7 +219,20 @@ class SlurmCluster:
     def start_node(self, node: str) -> None:
         cmd = [_which("slurmd"), "-N", node, "-f", str(self.conf)]
         if self.netns:
-            cmd = ["nsenter", f"--net=/var/run/netns/{self._ns[node]}", "--"] + cmd
+            # A node of its own: network namespace, hostname = node name (UTS namespace), and a private
+            # mount namespace whose /etc/hosts names every node (so a node's hostname resolves to its
+            # own interface, as on a real cluster) and whose resolv.conf fails fast (the host's DNS
+            # server is unreachable from the node).
+            etc = self.root / "etc" / node
+            etc.mkdir(parents=True, exist_ok=True)
+            hosts = ["127.0.0.1 localhost", f"{self.ctl_addr} {socket.gethostname()}"]
+            hosts += [f"{self.node_addr[n]} {n}" for n in self.nodes]
+            (etc / "hosts").write_text("\n".join(hosts) + "\n")
+            (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+            inner = (f"mount --bind {etc}/hosts /etc/hosts && mount --bind {etc}/resolv.conf /etc/resolv.conf"
+                     f" && hostname {node} && exec {' '.join(cmd)}")
+            cmd = ["nsenter", f"--net=/var/run/netns/{self._ns[node]}", "--",
+                   "unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", inner]
         subprocess.run(cmd, env=self._daemon_env(node), check=True, capture_output=True, timeout=30)
         self._slurmd_pid[node] = self._read_pid(self.root / "run" / f"{node}.pid")
 
