@@ -1,0 +1,660 @@
+"""Pre-flight planner: per-GPU memory and step time of model x strategy x nodes x GPUs x AC, before launch.
+
+    python -m train.plan model=falcon-40b strategy=fsdp nodes=4 gpus=8 micro_batch=1 seq_len=2048 ac=full
+    python -m train.plan --model gpt2-124m --strategy ddp --json
+
+Every figure is an analytic estimate from the model's shape (built on the `meta` device: free for 40B)
+and the strategy's storage rules; docs/performance.md states each rule and how it was validated
+against measured peaks (benchmarks/plan_vs_measured.py).
+
+Memory model (bytes on one GPU at the step's peak):
+  parameters, gradients, optimizer states  the storage of each strategy (table in `_state_bytes_per_param`),
+                                           divided by the shard group where the strategy shards it;
+  activations                              what autograd saves per token per block for our Block
+                                           (counted tensor by tensor, Korthikanti et al. 2022 style
+                                           but without the T x T score matrix: SDPA/flash recomputes
+                                           it), the LM head's logits/log-softmax, and one recomputed
+                                           block under full AC;
+  communication buffers                    FSDP: the largest unit gathered twice (current + prefetch)
+                                           plus its unsharded gradient; ZeRO: DeepSpeed's buckets;
+                                           DDP: gradient buckets (one copy of the gradients);
+  fragmentation margin                     a fraction of the above (CUDA caching allocator).
+The peak is parameters + optimizer + max(activations at the start of backward, gradients + the
+optimizer step's temporaries): gradients are freed (set to None) before the next forward, and they
+grow during backward while activations shrink, so the sum of both is never live at once (unless
+grad_accum > 1 keeps gradients across micro-batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")
+OFFLOADS = ("none", "optimizer", "params")
+PRECISIONS = ("fp32", "bf16", "fp16")
+AC_MODES = ("none", "selective", "full")
+OPTIMIZERS = ("fused", "foreach", "forloop")
+
+# Dense peak TFLOP/s per GPU (vendor datasheets, without sparsity). fp32 is the non-tensor-core figure.
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "a100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "h100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},  # SXM
+    "h100-pcie": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "h200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+}
+GIB = 1024**3
+# DeepSpeed's defaults (elements) for the buckets it allocates; see
+# https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training
+DS_REDUCE_BUCKET = 500_000_000
+DS_ALLGATHER_BUCKET = 500_000_000
+DS_STAGE3_PREFETCH_BUCKET = 50_000_000
+DS_STAGE3_MAX_LIVE_PARAMS = 1_000_000_000
+
+
+@dataclass
+class PlanArgs:
+    """One planning question; every field has a CLI flag of the same name."""
+
+    model: str = "gpt2-124m"
+    strategy: str = "fsdp"
+    offload: str = "none"
+    nodes: int = 1
+    gpus: int = 8
+    gpu_mem_gb: float = 80.0
+    micro_batch: int = 1
+    grad_accum: int = 1
+    seq_len: int = 1024
+    precision: str = "bf16"
+    ac: str = "none"
+    mfu: float = 0.4
+    gpu: str = "h100"
+    peak_tflops: float | None = None  # overrides the GPU table (e.g. a CPU or an unlisted GPU)
+    frag: float = 0.05  # fraction of the allocated peak kept as fragmentation margin
+    context_gb: float = 1.0  # CUDA context + cuBLAS/NCCL workspaces, outside torch's allocator
+    intra_node_gbps: float = 300.0  # GB/s a GPU sustains in an intra-node collective (NVLink busbw)
+    inter_node_gbps: float = 50.0  # GB/s per GPU across nodes (one 400 Gb/s NIC per GPU)
+    optimizer: str = "fused"  # AdamW kernel: fused (no step temporaries) | foreach | forloop (torch's CPU default)
+    ddp_bucket_view: bool = False  # DDP(gradient_as_bucket_view=True) shares buckets with the gradients
+
+    def validate(self) -> None:
+        """One-line ValueError naming the bad value and what is allowed."""
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("offload", self.offload, OFFLOADS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("ac", self.ac, AC_MODES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("nodes", "gpus", "micro_batch", "grad_accum", "seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        for name in ("gpu_mem_gb", "intra_node_gbps", "inter_node_gbps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"mfu={self.mfu!r} must be in (0, 1]")
+        if not 0 <= self.frag < 1:
+            raise ValueError(f"frag={self.frag!r} must be in [0, 1)")
+        if self.context_gb < 0:
+            raise ValueError(f"context_gb={self.context_gb!r} must be >= 0")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops={self.peak_tflops!r} must be > 0")
+        if self.peak_tflops is None and self.gpu not in GPU_PEAK_TFLOPS:
+            raise ValueError(
+                f"gpu={self.gpu!r} is not in the peak table ({', '.join(GPU_PEAK_TFLOPS)}); "
+                "pass peak_tflops=<dense TFLOP/s> for another device"
+            )
+        if self.strategy == "single" and self.nodes * self.gpus != 1:
+            raise ValueError(f"strategy=single runs on one device, got nodes={self.nodes} gpus={self.gpus}")
+        if self.offload != "none" and self.strategy in ("single", "ddp"):
+            raise ValueError(f"offload={self.offload} needs a sharded strategy (fsdp, hsdp, zero1-3), not {self.strategy}")
+        if self.offload == "params" and self.strategy in ("zero1", "zero2"):
+            raise ValueError(f"offload=params needs zero3, fsdp or hsdp (zero1/zero2 keep full parameters), not {self.strategy}")
+        if self.offload == "optimizer" and self.strategy in ("fsdp", "hsdp"):
+            raise ValueError(
+                "offload=optimizer is a DeepSpeed option (zero1-3); FSDP2 offloads parameters, gradients and "
+                "optimizer together: use offload=params"
+            )
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+# ---- model shape ------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelShape:
+    """What the planner needs from a GPTConfig, counted on a `meta`-device model."""
+
+    name: str
+    n_params: int  # every parameter once (tied embeddings once)
+    n_params_non_embedding: int  # model.stats' N: everything that takes part in a matmul
+    block_params: int  # one transformer block (an FSDP unit)
+    root_params: int  # embeddings + final norm + untied LM head (the root FSDP unit)
+    largest_param: int  # biggest single tensor (the for-loop AdamW's temporaries are this size)
+    flops_per_token: float  # model.stats.flops_per_token (6N + 12 L H Q T)
+    n_layer: int
+    n_embd: int
+    n_head: int
+    head_dim: int
+    q_dim: int
+    kv_dim: int
+    ffn_hidden: int
+    vocab_size: int
+    mlp: str
+    norm: str
+    norm_offset: bool
+    pos: str
+    parallel_residual: bool
+    shared_attn_norm: bool
+
+
+def model_shape(name: str, seq_len: int, **overrides: Any) -> ModelShape:
+    """Counts of the preset `name` (with GPTConfig `overrides`), built on the meta device."""
+    import torch
+
+    from model.config import GPTConfig
+    from model.gpt import GPT
+    from model.stats import count_params, flops_per_token
+
+    cfg = GPTConfig.from_name(name, **overrides)
+    if seq_len > cfg.block_size:
+        raise ValueError(f"seq_len={seq_len} exceeds {name}'s block_size={cfg.block_size}")
+    with torch.device("meta"):
+        gpt = GPT(cfg)
+    unique = {id(p): p for p in gpt.parameters()}.values()
+    block = sum(p.numel() for p in gpt.blocks[0].parameters())
+    counts = count_params(cfg)
+    return ModelShape(
+        name=name, n_params=counts.total, n_params_non_embedding=counts.non_embedding, block_params=block,
+        root_params=counts.total - cfg.n_layer * block, largest_param=max(p.numel() for p in unique),
+        flops_per_token=float(flops_per_token(cfg, seq_len)), n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+        n_head=cfg.n_head, head_dim=cfg.head_dim, q_dim=cfg.q_dim, kv_dim=cfg.kv_dim, ffn_hidden=cfg.ffn_hidden,
+        vocab_size=cfg.vocab_size, mlp=cfg.mlp, norm=cfg.norm, norm_offset=cfg.norm_offset, pos=cfg.pos,
+        parallel_residual=cfg.parallel_residual, shared_attn_norm=cfg.shared_attn_norm,
+    )
+
+
+# ---- activations ------------------------------------------------------------------------------
+
+
+def _norm_bytes(s: ModelShape, resid: int, autocast: bool) -> tuple[float, float, bool]:
+    """(input bytes, other saved bytes, input is a private copy) per token for one norm.
+
+    LayerNorm saves its input (under autocast an fp32 copy when the stream is 16-bit) and mean/rstd.
+    Our RMSNorm computes in fp32: it saves x.float() (a copy when the stream is 16-bit), rstd and the
+    normalized x (fp32 with Gemma's (1 + w) offset, else in the stream dtype).
+    """
+    h = s.n_embd
+    if s.norm == "layernorm":
+        copy = autocast and resid != 4
+        return (4 if copy else resid) * h, 8.0, copy
+    return 4.0 * h, 4.0 + (4 * h if s.norm_offset else resid * h), resid != 4
+
+
+def _norm_output_is_fp32(s: ModelShape, resid: int, autocast: bool) -> bool:
+    # autocast runs layer_norm in fp32; RMSNorm returns the stream dtype
+    return resid == 4 or (autocast and s.norm == "layernorm")
+
+
+def block_saved_bytes_per_token(s: ModelShape, act: int, resid: int, autocast: bool, micro_batch: int) -> float:
+    """Bytes autograd keeps per token for one Block's backward (no checkpointing), weight casts excluded.
+
+    `act` = bytes of a compute-dtype element, `resid` = bytes of the residual stream (fp32 under
+    single/DDP autocast: embeddings and parameters are fp32; 16-bit when the parameters are, as under
+    FSDP2's MixedPrecisionPolicy or DeepSpeed). Counted op by op from model/gpt.py's Block
+    (tests/test_plan.py checks it against the tensors autograd saves):
+      norms     `_norm_bytes`; with parallel residual both norms read the same x (saved once unless
+                each makes its own copy)
+      linears   their input: the norm output, shared by q/k/v (and gate/up); under autocast an fp32
+                norm output is cast once per linear (three 16-bit copies for q, k, v)
+      SDPA      q, k, v (k, v at n_kv_head width: enable_gqa), output, fp32 log-sum-exp per head; never
+                the T x T matrix. o_proj reads the output in place (no copy)
+      RoPE      cos/sin cast to the compute dtype (2 tables of T x head_dim per q and k)
+      MLP       gelu: up output (saved by gelu) + gelu output (saved by down);
+                gated: gate, act(gate), up, act(gate) * up
+    Dropout is taken as 0 (all presets); p > 0 adds masks and disables flash attention.
+    """
+    h, f = s.n_embd, s.ffn_hidden
+    n_norms = 1 if (s.parallel_residual and s.shared_attn_norm) else 2
+    norm_in, norm_other, norm_copy = _norm_bytes(s, resid, autocast)
+    n_inputs = 1 if (s.parallel_residual and not norm_copy) else n_norms
+    total = n_inputs * norm_in + n_norms * norm_other
+    gated = s.mlp != "gelu"
+    if autocast and act != 4 and _norm_output_is_fp32(s, resid, autocast):
+        total += act * h * (3 + (2 if gated else 1))  # one cast per linear
+    else:
+        total += act * h * n_norms
+    total += act * (s.q_dim + 2 * s.kv_dim + s.q_dim) + 4 * s.n_head
+    if s.pos == "rope" and act != 4:
+        total += 4 * act * s.head_dim / micro_batch
+    total += act * f * (4 if gated else 2)
+    return float(total)
+
+
+def block_selective_bytes_per_token(s: ModelShape, act: int, resid: int) -> float:
+    """Bytes per token one Block holds under train.parallelize's op-level selective AC: its input plus
+    the outputs of every matmul (q, k, v, o, up/gate, down) and of SDPA (output + log-sum-exp)."""
+    h, f = s.n_embd, s.ffn_hidden
+    mm = s.q_dim + 2 * s.kv_dim + h + (2 if s.mlp != "gelu" else 1) * f + h
+    return float(resid * h + act * mm + act * s.q_dim + 4 * s.n_head)
+
+
+@dataclass
+class ActivationEstimate:
+    """Bytes of one micro-batch's activations at the moments that can be the step's peak."""
+
+    saved_blocks: float  # kept by all blocks from forward to backward
+    head_inputs: float  # token ids, final norm input, LM-head input
+    logits: float  # alive from forward to the end of backward (the trainer's variable)
+    loss_backward: float  # fp32 log-softmax, its gradient and the logits' gradient (cross-entropy backward)
+    recompute_block: float  # one block re-run in backward (AC)
+    weight_casts_forward: float  # autocast's 16-bit weight cache, alive until autocast exits
+    weight_casts_kept: float  # the part of it saved for backward
+    block_input: float  # one block's input (what full AC keeps)
+
+    def peak(self, grads: float, grads_root: float) -> float:
+        """Peak bytes from forward through backward, gradients allocated in backward included."""
+        end_forward = self.saved_blocks + self.head_inputs + self.logits + self.weight_casts_forward
+        loss_bwd = (self.saved_blocks + self.head_inputs + self.logits + self.weight_casts_kept
+                    + self.loss_backward)
+        top_block = (self.saved_blocks - self.block_input + self.recompute_block + self.logits
+                     + self.weight_casts_kept + grads_root)
+        bottom_block = grads + self.recompute_block + self.block_input + self.logits
+        return max(end_forward, loss_bwd, top_block, bottom_block)
+
+
+def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act: int, resid: int,
+                     autocast: bool, weight_casts: bool = False) -> ActivationEstimate:
+    """Activation bytes of one micro-batch (micro_batch x seq_len tokens) on one device.
+
+    none       every block's saved tensors (`block_saved_bytes_per_token`);
+    selective  every block keeps its input + matmul/SDPA outputs, backward recomputes the pointwise ops;
+    full       every block keeps only its input; backward recomputes one block at a time;
+    plus the head: the logits (compute dtype) and, at cross-entropy's backward, the fp32 log-softmax,
+    its gradient and the logits' fp32 gradient: V-wide tensors that dominate small models.
+    """
+    tokens = micro_batch * seq_len
+    h, V, L = s.n_embd, s.vocab_size, s.n_layer
+    per_block = block_saved_bytes_per_token(s, act, resid, autocast, micro_batch) * tokens
+    block_input = resid * h * tokens
+    if ac == "none":
+        saved, recompute = L * per_block, 0.0
+    elif ac == "full":
+        saved, recompute = L * block_input, per_block
+    elif ac == "selective":
+        saved, recompute = L * block_selective_bytes_per_token(s, act, resid) * tokens, per_block
+    else:
+        raise ValueError(f"ac={ac!r} is not allowed; choose one of: {', '.join(AC_MODES)}")
+    norm_in, norm_other, _ = _norm_bytes(s, resid, autocast)
+    head_inputs = (8 + norm_in + norm_other + act * h) * tokens
+    casts_all = casts_kept = 0.0
+    if weight_casts:  # autocast over fp32 parameters
+        casts_all = 2.0 * s.n_params_non_embedding  # every matmul weight, cached for the forward
+        head_w = V * h
+        casts_kept = casts_all if ac == "none" else 2.0 * head_w  # checkpointed blocks recompute theirs
+        recompute += 2.0 * s.block_params if ac != "none" else 0.0
+    return ActivationEstimate(
+        saved_blocks=saved, head_inputs=head_inputs, logits=act * V * tokens, loss_backward=12.0 * V * tokens,
+        recompute_block=recompute, weight_casts_forward=casts_all, weight_casts_kept=casts_kept,
+        block_input=block_input if ac != "none" else 0.0,
+    )
+
+
+def recompute_flops_per_token(s: ModelShape, seq_len: int, ac: str) -> float:
+    """Extra forward FLOPs per token that AC recomputes (counted by HFU, not by MFU).
+
+    full re-runs every block's forward: (2 N_blocks + 4 L H Q T); selective re-runs only pointwise ops
+    (no matmuls), which we count as 0 FLOPs like the 6N convention does.
+    """
+    if ac != "full":
+        return 0.0
+    return float(2 * s.n_layer * s.block_params + 4 * s.n_layer * s.q_dim * seq_len)
+
+
+# ---- state bytes ------------------------------------------------------------------------------
+
+
+def _state_bytes_per_param(strategy: str, precision: str) -> dict[str, float]:
+    """Bytes per parameter of params / grads / optimizer states, before sharding.
+
+    torch strategies (single, ddp, fsdp, hsdp) keep fp32 parameters (they are the master copy) and fp32
+    gradients; mixed precision casts to bf16/fp16 for compute (autocast, or FSDP2's
+    MixedPrecisionPolicy on the gathered unit). AdamW adds m and v in fp32.
+    DeepSpeed (zero1-3) with bf16/fp16 keeps 16-bit parameters and gradients and an fp32 master copy
+    next to m and v (the ZeRO paper's 2 + 2 + 12 bytes).
+    """
+    if precision == "fp32":
+        return {"params": 4.0, "grads": 4.0, "optimizer": 8.0}
+    if strategy.startswith("zero"):
+        return {"params": 2.0, "grads": 2.0, "optimizer": 12.0}
+    return {"params": 4.0, "grads": 4.0, "optimizer": 8.0}
+
+
+def _shard_factors(a: PlanArgs) -> dict[str, int]:
+    world = a.nodes * a.gpus
+    shard = a.gpus if a.strategy == "hsdp" else world
+    return {
+        "single": {"params": 1, "grads": 1, "optimizer": 1},
+        "ddp": {"params": 1, "grads": 1, "optimizer": 1},
+        "fsdp": {"params": shard, "grads": shard, "optimizer": shard},
+        "hsdp": {"params": shard, "grads": shard, "optimizer": shard},
+        "zero1": {"params": 1, "grads": 1, "optimizer": world},
+        "zero2": {"params": 1, "grads": world, "optimizer": world},
+        "zero3": {"params": world, "grads": world, "optimizer": world},
+    }[a.strategy]
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    args: dict[str, Any]
+    model: dict[str, Any]
+    world_size: int
+    memory_gib: dict[str, float]  # per-GPU breakdown
+    peak_gib: float  # allocated peak + fragmentation margin + context
+    capacity_gib: float
+    fits: bool
+    max_micro_batch: int  # largest micro-batch that fits (0: not even 1)
+    cpu_offload_gib_per_node: float
+    flops_per_token: float
+    hfu_flops_per_token: float
+    step_time_s: float
+    compute_time_s: float
+    comm_time_s: float
+    tokens_per_step: int
+    tokens_per_s: float
+    peak_tflops: float
+    assumptions: list[str] = field(default_factory=list)
+
+
+def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, float]:
+    """(per-device breakdown in bytes, allocated peak bytes, CPU-offloaded bytes per device)."""
+    per = _state_bytes_per_param(a.strategy, a.precision)
+    shard = _shard_factors(a)
+    N = s.n_params
+    params = N * per["params"] / shard["params"]
+    grads = N * per["grads"] / shard["grads"]
+    optim = N * per["optimizer"] / shard["optimizer"]
+    grads_root = s.root_params * per["grads"] / shard["grads"]
+    offloaded = 0.0
+    if a.offload == "optimizer":  # DeepSpeed ZeRO-Offload: master + m + v on CPU, the step runs there
+        offloaded += optim
+        optim = 0.0
+    if a.offload == "params":
+        if a.strategy in ("fsdp", "hsdp"):  # FSDP2 CPUOffloadPolicy: sharded params, grads, optimizer on CPU
+            offloaded += params + grads + optim
+            params = grads = grads_root = optim = 0.0
+        else:  # ZeRO-3 offload_param + offload_optimizer
+            offloaded += params + optim
+            params = optim = 0.0
+
+    low = a.precision != "fp32"
+    act_b = 2 if low else 4
+    # the trainer autocasts single/DDP/FSDP; FSDP2's MixedPrecisionPolicy and DeepSpeed also cast the
+    # parameters, so their residual stream is 16-bit, while single/DDP keep it fp32
+    autocast = low and not a.strategy.startswith("zero")
+    resid_b = 4 if (not low or a.strategy in ("single", "ddp")) else 2
+    acts = activation_bytes(s, a.micro_batch, a.seq_len, a.ac, act_b, resid_b, autocast,
+                            weight_casts=low and a.strategy in ("single", "ddp"))
+
+    unit = max(s.block_params, s.root_params)
+    comm = 0.0
+    if a.strategy == "ddp" and not a.ddp_bucket_view:
+        comm = N * per["grads"]  # the reducer's buckets hold a second copy of every gradient
+    elif a.strategy in ("fsdp", "hsdp"):
+        # all-gather output of the current unit and the prefetched next one (compute dtype), plus the
+        # unit's unsharded gradient waiting for reduce-scatter (fp32 reduce)
+        comm = 2 * unit * act_b + unit * 4
+    elif a.strategy in ("zero1", "zero2"):
+        comm = min(DS_REDUCE_BUCKET, N) * per["grads"] + min(DS_ALLGATHER_BUCKET, N) * per["params"]
+    elif a.strategy == "zero3":
+        live = min(DS_STAGE3_MAX_LIVE_PARAMS, max(2 * unit, DS_STAGE3_PREFETCH_BUCKET), N)
+        comm = live * per["params"] + min(DS_REDUCE_BUCKET, N) * per["grads"]
+
+    if a.offload != "none" or a.optimizer == "fused":
+        opt_temp = 0.0
+    elif a.optimizer == "foreach":  # one list of sqrt(v) over the whole (sharded) parameter group
+        opt_temp = 4.0 * N / shard["optimizer"]
+    else:  # for-loop AdamW: sqrt(v) and its scaled copy for one tensor at a time
+        opt_temp = 2 * 4.0 * s.largest_param / shard["optimizer"]
+
+    if a.strategy.startswith("zero"):
+        # DeepSpeed keeps its gradient partitions allocated between steps
+        fwd_bwd = acts.peak(0.0, 0.0)
+        dynamic = max(fwd_bwd, opt_temp)
+        allocated = params + grads + optim + comm + dynamic
+    else:
+        # torch frees .grad (set_to_none) after the step; backward refills it as activations are freed
+        fwd_bwd = acts.peak(grads, grads_root)
+        if a.grad_accum > 1:  # gradients of earlier micro-batches stay allocated
+            fwd_bwd = max(fwd_bwd, acts.peak(0.0, 0.0) + grads)
+        dynamic = max(fwd_bwd, grads + opt_temp)
+        allocated = params + optim + comm + dynamic
+    breakdown = {
+        "parameters": params,
+        "gradients": grads,
+        "optimizer_states": optim,
+        "activations": acts.peak(0.0, 0.0),
+        "communication_buffers": comm,
+        "optimizer_step_temporaries": opt_temp,
+    }
+    return breakdown, allocated, offloaded
+
+
+def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
+    """Answer one planning question (validates `a` first)."""
+    a.validate()
+    s = shape or model_shape(a.model, a.seq_len)
+    breakdown, allocated, offloaded = memory_bytes(a, s)
+    margin = a.frag * allocated
+    context = a.context_gb * GIB
+    peak = allocated + margin + context
+    capacity = a.gpu_mem_gb * GIB
+
+    world = a.nodes * a.gpus
+    peak_tf = a.peak_tflops if a.peak_tflops is not None else GPU_PEAK_TFLOPS[a.gpu][a.precision]
+    tokens_gpu = a.micro_batch * a.grad_accum * a.seq_len
+    model_flops = s.flops_per_token
+    hw_flops = model_flops + recompute_flops_per_token(s, a.seq_len, a.ac)
+    # `mfu` is what the kernels achieve on the model's FLOPs without AC; recompute costs time on top
+    compute = tokens_gpu * hw_flops / (peak_tf * 1e12 * a.mfu)
+    comm = _comm_time(a, s)
+    step = max(compute, comm)  # communication overlaps compute (FSDP prefetch, DDP/ZeRO buckets)
+    b_max = max_micro_batch(a, s)
+
+    assumptions = [
+        f"GPU memory {a.gpu_mem_gb} GiB; fragmentation margin {a.frag:.0%} of the allocated peak; "
+        f"{a.context_gb} GiB for the CUDA context and library workspaces",
+        f"step time at MFU {a.mfu:.0%} of {peak_tf:g} TFLOP/s ({a.precision}); AC recompute adds "
+        f"{hw_flops / model_flops - 1:.0%} hardware FLOPs",
+        f"communication overlapped with compute; {a.intra_node_gbps:g} GB/s intra-node, "
+        f"{a.inter_node_gbps:g} GB/s per GPU across nodes",
+        f"AdamW (m, v in fp32), {a.optimizer} step",
+        "activations: SDPA/flash attention (no T x T matrix stored); selective AC = op-level (matmul and "
+        "attention outputs saved, pointwise ops recomputed)",
+    ]
+    return Plan(
+        args=dataclasses.asdict(a),
+        model={
+            "name": s.name, "n_params": s.n_params, "n_params_non_embedding": s.n_params_non_embedding,
+            "block_params": s.block_params, "root_params": s.root_params,
+        },
+        world_size=world,
+        memory_gib={**{k: v / GIB for k, v in breakdown.items()}, "fragmentation_margin": margin / GIB,
+                    "cuda_context": context / GIB, "allocated_peak": allocated / GIB},
+        peak_gib=peak / GIB,
+        capacity_gib=capacity / GIB,
+        fits=peak <= capacity,
+        max_micro_batch=b_max,
+        cpu_offload_gib_per_node=offloaded * a.gpus / GIB,
+        flops_per_token=model_flops,
+        hfu_flops_per_token=hw_flops,
+        step_time_s=step,
+        compute_time_s=compute,
+        comm_time_s=comm,
+        tokens_per_step=tokens_gpu * world,
+        tokens_per_s=tokens_gpu * world / step,
+        peak_tflops=peak_tf,
+        assumptions=assumptions,
+    )
+
+
+def _comm_time(a: PlanArgs, s: ModelShape) -> float:
+    """Seconds of collective traffic per optimizer step (ring algorithms: (n-1)/n of the data)."""
+    world = a.nodes * a.gpus
+    if world == 1:
+        return 0.0
+    bw = (a.intra_node_gbps if a.nodes == 1 else a.inter_node_gbps) * 1e9
+    N = s.n_params
+    low = a.precision != "fp32"
+    pb, gb = (2 if low else 4), 4  # gathered parameter dtype; gradients reduced in fp32
+    frac = (world - 1) / world
+    if a.strategy == "ddp":
+        return 2 * N * gb * frac / bw  # one all-reduce = reduce-scatter + all-gather
+    if a.strategy in ("fsdp", "zero3"):
+        gathers = 2 * a.grad_accum  # forward + backward all-gather per micro-batch
+        return (gathers * N * pb + N * gb) * frac / bw
+    if a.strategy == "hsdp":
+        g = a.gpus
+        intra = (2 * a.grad_accum * N * pb + N * gb) * (g - 1) / g / (a.intra_node_gbps * 1e9) if g > 1 else 0.0
+        inter = 2 * (N * gb / g) * (a.nodes - 1) / a.nodes / (a.inter_node_gbps * 1e9) if a.nodes > 1 else 0.0
+        return intra + inter
+    # zero1 / zero2: reduce-scatter gradients, all-gather updated parameters
+    return (N * 2 + N * 2) * frac / bw if low else (N * gb + N * 4) * frac / bw
+
+
+def max_micro_batch(a: PlanArgs, s: ModelShape, limit: int = 1 << 16) -> int:
+    """Largest micro-batch whose peak fits in gpu_mem_gb (0 if even 1 does not); memory grows with B."""
+
+    def fits(b: int) -> bool:
+        _, allocated, _ = memory_bytes(dataclasses.replace(a, micro_batch=b), s)
+        return allocated * (1 + a.frag) + a.context_gb * GIB <= a.gpu_mem_gb * GIB
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # invariant: fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.plan",
+        description="Per-GPU memory and step-time estimate for model x strategy x nodes x GPUs x AC. "
+        "Every option is accepted as --key value or key=value (like the trainer's overrides).",
+    )
+    d = PlanArgs()
+    p.add_argument("--model", default=d.model, help="model preset (model/config.py PRESETS)")
+    p.add_argument("--strategy", default=d.strategy, help=f"one of {', '.join(STRATEGIES)}")
+    p.add_argument("--offload", default=d.offload, help=f"one of {', '.join(OFFLOADS)}")
+    p.add_argument("--nodes", type=int, default=d.nodes)
+    p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per node")
+    p.add_argument("--gpu_mem_gb", type=float, default=d.gpu_mem_gb, help="memory per GPU, GiB")
+    p.add_argument("--micro_batch", type=int, default=d.micro_batch, help="sequences per GPU per micro-step")
+    p.add_argument("--grad_accum", type=int, default=d.grad_accum)
+    p.add_argument("--seq_len", type=int, default=d.seq_len)
+    p.add_argument("--precision", default=d.precision, help=f"one of {', '.join(PRECISIONS)}")
+    p.add_argument("--ac", default=d.ac, help=f"activation checkpointing: one of {', '.join(AC_MODES)}")
+    p.add_argument("--mfu", type=float, default=d.mfu, help="model FLOPs utilization assumed for step time")
+    p.add_argument("--gpu", default=d.gpu, help=f"peak FLOP/s table entry: {', '.join(GPU_PEAK_TFLOPS)}")
+    p.add_argument("--peak_tflops", type=float, default=None, help="dense TFLOP/s, overrides --gpu")
+    p.add_argument("--frag", type=float, default=d.frag, help="fragmentation margin, fraction of the peak")
+    p.add_argument("--context_gb", type=float, default=d.context_gb, help="CUDA context + workspaces, GiB")
+    p.add_argument("--intra_node_gbps", type=float, default=d.intra_node_gbps)
+    p.add_argument("--inter_node_gbps", type=float, default=d.inter_node_gbps)
+    p.add_argument("--optimizer", default=d.optimizer, help=f"AdamW kernel: one of {', '.join(OPTIMIZERS)}")
+    p.add_argument("--ddp_bucket_view", action="store_true", help="DDP gradient_as_bucket_view=True")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def _normalize_argv(argv: Sequence[str]) -> list[str]:
+    """key=value -> --key=value (dashes and dots in keys become underscores, e.g. gpu-mem-gb)."""
+    out = []
+    for tok in argv:
+        if not tok.startswith("-") and "=" in tok:
+            k, v = tok.split("=", 1)
+            out.append(f"--{k.replace('-', '_')}={v}")
+        elif tok.startswith("--") and not tok.startswith("--help"):
+            k, eq, v = tok[2:].partition("=")
+            out.append(f"--{k.replace('-', '_')}{eq}{v}")
+        else:
+            out.append(tok)
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[PlanArgs, bool]:
+    ns = _parser().parse_args(_normalize_argv(sys.argv[1:] if argv is None else argv))
+    as_json = ns.json
+    kw = {k: v for k, v in vars(ns).items() if k != "json"}
+    return PlanArgs(**kw), as_json
+
+
+def format_plan(p: Plan) -> str:
+    a = p.args
+    m = p.model
+    lines = [
+        f"{m['name']}: {m['n_params'] / 1e9:.3f} B params ({m['n_params_non_embedding'] / 1e9:.3f} B non-embedding), "
+        f"largest FSDP unit {max(m['block_params'], m['root_params']) / 1e6:.1f} M",
+        f"{a['strategy']} (offload={a['offload']}) on {a['nodes']} x {a['gpus']} GPUs = {p.world_size}; "
+        f"micro_batch={a['micro_batch']} grad_accum={a['grad_accum']} seq_len={a['seq_len']} "
+        f"precision={a['precision']} ac={a['ac']}",
+        "",
+        f"{'per-GPU memory':<28}{'GiB':>10}",
+    ]
+    for k, v in p.memory_gib.items():
+        if k != "allocated_peak":
+            lines.append(f"  {k.replace('_', ' '):<26}{v:>10.2f}")
+    lines += [
+        f"  {'peak (allocated)':<26}{p.memory_gib['allocated_peak']:>10.2f}",
+        f"  {'peak + margin + context':<26}{p.peak_gib:>10.2f}   of {p.capacity_gib:.1f} GiB: "
+        + ("FITS" if p.fits else "DOES NOT FIT"),
+        f"  largest micro-batch that fits: {p.max_micro_batch}",
+    ]
+    if p.cpu_offload_gib_per_node:
+        lines.append(f"  CPU memory per node for offload: {p.cpu_offload_gib_per_node:.1f} GiB")
+    lines += [
+        "",
+        f"FLOPs/token {p.flops_per_token / 1e9:.2f} G (model), {p.hfu_flops_per_token / 1e9:.2f} G (hardware, with AC)",
+        f"step: {p.step_time_s:.3f} s (compute {p.compute_time_s:.3f} s, communication {p.comm_time_s:.3f} s), "
+        f"{p.tokens_per_step} tokens/step, {p.tokens_per_s:,.0f} tokens/s",
+        "",
+        "assumptions:",
+    ] + [f"  - {x}" for x in p.assumptions]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args, as_json = parse_args(argv)
+        args.validate()
+        shape = model_shape(args.model, args.seq_len)
+        p = plan(args, shape)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(dataclasses.asdict(p), indent=2) if as_json else format_plan(p))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
