@@ -47,15 +47,6 @@ def local_shard_of(full: torch.Tensor, like: DTensor) -> torch.Tensor:
     return local
 
 
-def _is_inplace(func: Callable) -> bool:
-    name = getattr(func, "__name__", "")
-    return name.endswith("_") and not name.startswith("__")  # normal_, mul_, copy_; not __get__
-
-
-def _is_data_getter(func: Callable) -> bool:
-    return getattr(func, "__name__", "") == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") == "data"
-
-
 class _ReplayInitMode(TorchFunctionMode):
     """Torch-function mode behind `replay_init`; holds at most one gathered ZeRO-3 parameter."""
 
@@ -84,7 +75,7 @@ class _ReplayInitMode(TorchFunctionMode):
             with torch.no_grad():
                 target.to_local().copy_(local_shard_of(args[1].to(target.dtype), target))
             return target
-        if _is_ds_param(target) and (_is_inplace(func) or _is_data_getter(func)):
+        if _is_ds_param(target):  # any use (shape, .data, in-place op) sees the whole parameter
             # Gather this one parameter (releasing the previous one) and let every rank run the op:
             # all ranks draw what one process would; on release rank 0's values are re-partitioned.
             if target is not self._gathered_param:
