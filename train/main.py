@@ -172,17 +172,28 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
 
 
 def _check_resume_compatible(ckpt: Path, gpt_config) -> None:
-    """Compare the checkpoint's model config with this run's before building anything."""
-    from train.checkpoint import read_meta
+    """Compare the checkpoint's model with this run's before building anything: both are built
+    on the ``meta`` device (no memory), so a shape mismatch names the tensor and both shapes."""
+    import torch
+
+    from model import GPT, GPTConfig
+    from train.checkpoint import CheckpointError, check_shapes, read_meta
     from train.strategy.base import gpt_config_dict
 
     saved = read_meta(ckpt)["model_config"]
+    try:
+        saved_cfg = GPTConfig.from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: meta.json has an invalid model config ({_one_line(e)})") from None
+    with torch.device("meta"):
+        ours_sd, saved_sd = GPT(gpt_config).state_dict(), GPT(saved_cfg).state_dict()
+    check_shapes({k: v.shape for k, v in ours_sd.items()}, saved_sd, f"checkpoint {ckpt}")
     ours = gpt_config_dict(gpt_config)
     diff = [k for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k)]
     if diff:
         k = diff[0]
-        raise ConfigError(f"checkpoint {ckpt} is for a different model: {k}={saved.get(k)!r} there, {ours.get(k)!r} "
-                          f"here ({len(diff)} field(s) differ)")
+        raise CheckpointError(f"checkpoint {ckpt} is for a different model: {k}={saved.get(k)!r} there, "
+                              f"{ours.get(k)!r} here ({len(diff)} field(s) differ)")
 
 
 def _build_data(cfg: DictConfig, gpt_config, dist):

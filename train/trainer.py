@@ -106,6 +106,10 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean val loss over ``train.eval_steps`` micro-batches per rank, averaged over ranks."""
+        with torch.random.fork_rng(devices=[]):  # eval must not move the training RNG stream
+            return self._evaluate()
+
+    def _evaluate(self) -> float:
         total = torch.zeros((), device=self.dist.device)
         n = 0
         for i, (x, y) in enumerate(self.val_loader):
@@ -199,7 +203,10 @@ class Trainer:
         while self.step < t.max_steps:
             step_loss = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
-                x, y = next(it)
+                # the loader may draw from torch's global RNG (DataLoader base seed); keep that off the
+                # training stream (dropout) so a resumed run replays it exactly
+                with torch.random.fork_rng(devices=[]):
+                    x, y = next(it)
                 if t.trace_samples:
                     self._trace_batch(x, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
