@@ -1,0 +1,182 @@
+"""`data.source=hf`: documents streamed from `datasets`, tokenized and packed inside DataLoader workers.
+
+Unlike the indexed sources, a stream has no global sample index: the documents are divided over
+(rank, worker) pairs with `datasets.distributed.split_dataset_by_node` (whole shards when their number
+divides dp_size * num_workers, else every (dp_size * num_workers)-th record), and each pair packs its
+own documents. The sample order therefore depends on dp_size and num_workers, and a resume must keep
+both (it fast-forwards each worker by re-reading its part of the stream; cost grows with the
+position). Train loops over the stream forever (reshuffled per epoch when data.shuffle); val cycles too,
+so ranks never run out at different times: evaluate a fixed number of batches.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from train.data.config import DataConfig
+from train.data.errors import DataError, DataPathNotFoundError
+from train.data.tokenizer import Tokenizer
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+_SHUFFLE_BUFFER = 10_000
+
+
+def _load(cfg: DataConfig, split_name: str):
+    import datasets
+
+    if cfg.name:
+        kwargs = {"data_files": cfg.path} if cfg.path else {}
+        try:
+            return datasets.load_dataset(cfg.name, cfg.subset, split=split_name, streaming=cfg.streaming, **kwargs)
+        except (FileNotFoundError, ValueError, ConnectionError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"cannot load hf dataset data.name={cfg.name!r} split={split_name!r}: {first}") from None
+    if not cfg.path:
+        raise DataError("data.source=hf needs data.name (Hub name or builder) or data.path (local dataset)")
+    p = Path(os.path.expanduser(cfg.path))
+    if p.is_dir() and (p / "dataset_dict.json").is_file() or (p / "dataset_info.json").is_file():
+        ds = datasets.load_from_disk(str(p))  # a save_to_disk directory
+        if isinstance(ds, datasets.DatasetDict):
+            if split_name not in ds:
+                raise DataError(f"hf dataset {cfg.path!r} has no split {split_name!r} (splits: {sorted(ds)})")
+            ds = ds[split_name]
+        return ds.to_iterable_dataset(num_shards=min(64, max(1, len(ds)))) if cfg.streaming else ds
+    import glob
+
+    if p.is_dir():
+        src = str(p)
+        builder_kwargs = {}
+    elif p.is_file() or glob.glob(str(p)):
+        suffix = Path(glob.glob(str(p))[0]).suffix if not p.is_file() else p.suffix
+        if suffix not in _BUILDERS:
+            raise DataError(f"data.path {cfg.path!r}: file type {suffix!r} unsupported; allowed: {sorted(_BUILDERS)}")
+        src, builder_kwargs = _BUILDERS[suffix], {"data_files": {"train": str(p)}}
+    else:
+        raise DataPathNotFoundError(f"data.path {cfg.path!r} does not exist")
+    try:
+        return datasets.load_dataset(src, split=split_name, streaming=cfg.streaming, **builder_kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load hf dataset from data.path={cfg.path!r} split={split_name!r}: {first}") from None
+
+
+def hf_records(cfg: DataConfig, split: str, seed: int):
+    """The `datasets` stream of `split` ("train" | "val"): val is `val_split` or the first `val_docs`."""
+    if cfg.val_split:
+        ds = _load(cfg, cfg.split if split == "train" else cfg.val_split)
+    else:
+        if cfg.val_docs < 1:
+            raise DataError(f"data.val_docs must be >= 1 when data.val_split is unset, got {cfg.val_docs}")
+        ds = _load(cfg, cfg.split)
+        ds = ds.skip(cfg.val_docs) if split == "train" else ds.take(cfg.val_docs)
+    if not hasattr(ds, "set_epoch"):  # a map-style Dataset (streaming=False)
+        ds = ds.to_iterable_dataset(num_shards=min(64, max(1, len(ds))))
+    first = next(iter(ds), None)
+    if first is None:
+        raise DataError(f"hf dataset {cfg.name or cfg.path!r} has no documents in its {split} split")
+    if cfg.text_field not in first:
+        raise DataError(f"hf dataset {cfg.name or cfg.path!r} has no field {cfg.text_field!r} "
+                        f"(fields found: {sorted(first)}); set data.text_field")
+    if cfg.shuffle and split == "train":
+        ds = ds.shuffle(seed=seed, buffer_size=_SHUFFLE_BUFFER)
+    return ds
+
+
+def hf_documents(cfg: DataConfig, split: str, seed: int = 0) -> Iterator[str]:
+    """Texts of the stream in order (used by `train.prepare`)."""
+    for rec in hf_records(cfg, split, seed):
+        text = rec.get(cfg.text_field)
+        if isinstance(text, str) and text:
+            yield text
+
+
+class _PackedStream(IterableDataset):
+    """Documents of one (rank, worker) share -> EOT-separated tokens -> (x, y) micro-batches."""
+
+    def __init__(self, ds, tok: Tokenizer, text_field: str, seq_len: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, endless: bool, skip: list[int]) -> None:
+        self.ds, self.tok, self.text_field = ds, tok, text_field
+        self.seq_len, self.B, self.rank, self.world = seq_len, micro_batch_size, dp_rank, dp_size
+        self.endless, self.skip = endless, skip
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from datasets.distributed import split_dataset_by_node
+
+        info = get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        part = split_dataset_by_node(self.ds, rank=self.rank * nw + w, world_size=self.world * nw)
+        T, to_skip, epoch = self.seq_len, self.skip[w], 0
+        buf: list[int] = []
+        rows: list[list[int]] = []
+        while True:
+            part.set_epoch(epoch)
+            n_docs = 0
+            # .iter() rather than iter(): datasets would re-split by torch worker a second time
+            for batch in part.iter(batch_size=64):
+                texts = [t for t in batch[self.text_field] if isinstance(t, str) and t]
+                n_docs += len(texts)
+                for ids in self.tok.encode_batch(texts):
+                    buf.extend(ids)
+                    buf.append(self.tok.eot_token)
+                    while len(buf) >= T + 1:
+                        rows.append(buf[:T + 1])
+                        del buf[:T]  # stride T: a window's last target is the next window's first input
+                        if len(rows) == self.B:
+                            if to_skip:
+                                to_skip -= 1
+                            else:
+                                w_ = torch.tensor(rows, dtype=torch.long)  # [B, T+1]
+                                yield w_[:, :-1].contiguous(), w_[:, 1:].contiguous()
+                            rows = []
+            if n_docs == 0:
+                raise DataError(f"hf stream: rank {self.rank} worker {w} got no documents (the stream has fewer "
+                                f"records than dp_size * num_workers = {self.world * nw})")
+            epoch += 1
+            if not self.endless:
+                return
+
+
+class HFStreamLoader:
+    """Loader of `data.source=hf`; same iteration / state interface as the indexed loader."""
+
+    def __init__(self, cfg: DataConfig, tok: Tokenizer, split: str, seq_len: int, micro_batch_size: int,
+                 grad_accum: int, dp_rank: int, dp_size: int, seed: int) -> None:
+        self.cfg, self.tok, self.split, self.seed = cfg, tok, split, seed
+        self.seq_len, self.micro_batch_size, self.grad_accum = seq_len, micro_batch_size, grad_accum
+        self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, cfg.num_workers
+        self.ds = hf_records(cfg, split, seed)  # validates name / path / field before any worker starts
+        self._micro = 0  # micro-batches this rank yielded
+
+    def _skips(self) -> list[int]:
+        # workers are read round-robin: worker w produced micro-batches w, w + nw, w + 2 nw, ...
+        nw = max(1, self.num_workers)
+        return [len(range(w, self._micro, nw)) for w in range(nw)]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.split == "val":
+            self._micro = 0
+        stream = _PackedStream(self.ds, self.tok, self.cfg.text_field, self.seq_len, self.micro_batch_size,
+                               self.dp_rank, self.dp_size, endless=True, skip=self._skips())
+        for xy in DataLoader(stream, batch_size=None, num_workers=self.num_workers):
+            self._micro += 1
+            yield xy
+
+    def state_dict(self) -> dict:
+        return {"version": 1, "kind": "hf", "split": self.split, "micro_yielded": self._micro,
+                "dp_size": self.dp_size, "num_workers": self.num_workers, "seq_len": self.seq_len,
+                "micro_batch_size": self.micro_batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("kind") != "hf":
+            raise DataError("data-loader state is not an hf-stream state")
+        mine = {k: getattr(self, k) for k in ("dp_size", "num_workers", "seq_len", "micro_batch_size", "seed")}
+        theirs = {k: state.get(k) for k in mine}
+        if mine != theirs:
+            raise DataError(f"an hf-stream position resumes only with the same {sorted(mine)}: "
+                            f"saved {theirs}, now {mine}")
+        self._micro = int(state["micro_yielded"])
