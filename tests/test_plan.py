@@ -18,8 +18,17 @@ from model.gpt import GPT, Block, rope_tables
 from model.stats import count_params
 from train.bench import TensorMemoryTracker
 from train.parallelize import apply_ac
-from train.plan import (GIB, PlanArgs, activation_bytes, block_saved_bytes_per_token, main, max_micro_batch,
-                        memory_bytes, model_shape, plan)
+from train.plan import (
+    GIB,
+    PlanArgs,
+    activation_bytes,
+    block_saved_bytes_per_token,
+    main,
+    max_micro_batch,
+    memory_bytes,
+    model_shape,
+    plan,
+)
 from train.strategy.base import cross_entropy
 
 TINY = ["gpt2-tiny", "falcon-tiny", "gemma-tiny", "llama-tiny", "falcon-40b-mini"]
@@ -31,7 +40,7 @@ def gpt2_shape():
 
 
 def _args(**kw) -> PlanArgs:
-    base = dict(model="gpt2-124m", strategy="single", nodes=1, gpus=1, micro_batch=1, seq_len=1024)
+    base = {"model": "gpt2-124m", "strategy": "single", "nodes": 1, "gpus": 1, "micro_batch": 1, "seq_len": 1024}
     return PlanArgs(**{**base, **kw})
 
 

@@ -30,10 +30,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")
 OFFLOADS = ("none", "optimizer", "params")
@@ -474,15 +474,15 @@ def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
     b_max = max_micro_batch(a, s)
 
     assumptions = [
-        f"GPU memory {a.gpu_mem_gb} GiB; fragmentation margin {a.frag:.0%} of the allocated peak; "
-        f"{a.context_gb} GiB for the CUDA context and library workspaces",
-        f"step time at MFU {a.mfu:.0%} of {peak_tf:g} TFLOP/s ({a.precision}); AC recompute adds "
-        f"{hw_flops / model_flops - 1:.0%} hardware FLOPs",
-        f"communication overlapped with compute; {a.intra_node_gbps:g} GB/s intra-node, "
-        f"{a.inter_node_gbps:g} GB/s per GPU across nodes",
+        (f"GPU memory {a.gpu_mem_gb} GiB; fragmentation margin {a.frag:.0%} of the allocated peak; "
+        f"{a.context_gb} GiB for the CUDA context and library workspaces"),
+        (f"step time at MFU {a.mfu:.0%} of {peak_tf:g} TFLOP/s ({a.precision}); AC recompute adds "
+        f"{hw_flops / model_flops - 1:.0%} hardware FLOPs"),
+        (f"communication overlapped with compute; {a.intra_node_gbps:g} GB/s intra-node, "
+        f"{a.inter_node_gbps:g} GB/s per GPU across nodes"),
         f"AdamW (m, v in fp32), {a.optimizer} step",
-        "activations: SDPA/flash attention (no T x T matrix stored); selective AC = op-level (matmul and "
-        "attention outputs saved, pointwise ops recomputed)",
+        ("activations: SDPA/flash attention (no T x T matrix stored); selective AC = op-level (matmul and "
+        "attention outputs saved, pointwise ops recomputed)"),
     ]
     return Plan(
         args=dataclasses.asdict(a),
@@ -613,11 +613,11 @@ def format_plan(p: Plan) -> str:
     a = p.args
     m = p.model
     lines = [
-        f"{m['name']}: {m['n_params'] / 1e9:.3f} B params ({m['n_params_non_embedding'] / 1e9:.3f} B non-embedding), "
-        f"largest FSDP unit {max(m['block_params'], m['root_params']) / 1e6:.1f} M",
-        f"{a['strategy']} (offload={a['offload']}) on {a['nodes']} x {a['gpus']} GPUs = {p.world_size}; "
+        (f"{m['name']}: {m['n_params'] / 1e9:.3f} B params ({m['n_params_non_embedding'] / 1e9:.3f} B non-embedding), "
+        f"largest FSDP unit {max(m['block_params'], m['root_params']) / 1e6:.1f} M"),
+        (f"{a['strategy']} (offload={a['offload']}) on {a['nodes']} x {a['gpus']} GPUs = {p.world_size}; "
         f"micro_batch={a['micro_batch']} grad_accum={a['grad_accum']} seq_len={a['seq_len']} "
-        f"precision={a['precision']} ac={a['ac']}",
+        f"precision={a['precision']} ac={a['ac']}"),
         "",
         f"{'per-GPU memory':<28}{'GiB':>10}",
     ]
@@ -635,8 +635,8 @@ def format_plan(p: Plan) -> str:
     lines += [
         "",
         f"FLOPs/token {p.flops_per_token / 1e9:.2f} G (model), {p.hfu_flops_per_token / 1e9:.2f} G (hardware, with AC)",
-        f"step: {p.step_time_s:.3f} s (compute {p.compute_time_s:.3f} s, communication {p.comm_time_s:.3f} s), "
-        f"{p.tokens_per_step} tokens/step, {p.tokens_per_s:,.0f} tokens/s",
+        (f"step: {p.step_time_s:.3f} s (compute {p.compute_time_s:.3f} s, communication {p.comm_time_s:.3f} s), "
+        f"{p.tokens_per_step} tokens/step, {p.tokens_per_s:,.0f} tokens/s"),
         "",
         "assumptions:",
     ] + [f"  - {x}" for x in p.assumptions]

@@ -1,0 +1,73 @@
+"""train.bench: the JSON a benchmark run prints, and its FLOPs accounting against model.stats."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.config import GPTConfig
+from model.stats import count_params, flops_per_token
+from train.bench import main, split_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=gpt2-tiny", "model.vocab_size=512", "model.n_layer=2", "train.micro_batch_size=2",
+        "train.seq_len=64"]
+
+
+@pytest.fixture(scope="module")
+def full_ac_result():
+    # a real process, as a user runs it: JSON on stdout, the table on stderr
+    proc = subprocess.run([sys.executable, "-m", "train.bench", *TINY, "train.activation_checkpointing=full",
+                           "bench.steps=2", "bench.warmup=1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "MFU / HFU" in proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_bench_json_keys_finite_positive(full_ac_result):
+    r = full_ac_result
+    for key in ("step_time_s", "tokens_per_s", "tokens_per_s_per_device", "flops_per_token", "hfu_flops_per_token",
+                "peak_flops", "mfu", "hfu", "peak_memory_bytes"):
+        assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, key
+    assert len(r["step_times_s"]) == 2 and r["step_time_s"] == min(r["step_times_s"]) + (
+        sorted(r["step_times_s"])[1] - min(r["step_times_s"])) / 2  # median of two
+    assert r["tokens_per_step"] == 2 * 64
+    assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_time_s"])
+    assert r["peak_flops_source"] == "measured" and r["peak_memory_kind"] == "peak_rss_minus_baseline"
+    assert r["state_bytes"]["params"] == 4 * r["n_params"]
+
+
+def test_bench_flops_equal_model_stats(full_ac_result):
+    cfg = GPTConfig.from_name("gpt2-tiny", vocab_size=512, n_layer=2)
+    r = full_ac_result
+    assert r["flops_per_token"] == flops_per_token(cfg, 64)
+    assert r["flops_n"] == count_params(cfg).non_embedding
+    # full AC recomputes every block's forward: 2 x block params + 4 L H Q T more per token
+    n_blocks = cfg.n_layer * (count_params(cfg).per_block)
+    assert r["hfu_flops_per_token"] == r["flops_per_token"] + 2 * n_blocks + 4 * cfg.n_layer * cfg.q_dim * 64
+    assert r["hfu"] / r["mfu"] == pytest.approx(r["hfu_flops_per_token"] / r["flops_per_token"])
+    assert r["mfu"] == pytest.approx(r["tokens_per_s_per_device"] * r["flops_per_token"] / r["peak_flops"])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["bench.steps=0"], "bench.steps=0"),
+    (["bench.data=web"], "synthetic"),
+    (["bench.foo=1"], "bench.steps"),
+    (["strategy=tp"], "tp"),
+    (["train.seq_len=0"], "train.seq_len=0"),
+])
+def test_bench_bad_input_one_line(capsys, argv, needle):
+    assert main([*TINY, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err
+
+
+def test_split_overrides():
+    hydra, opts = split_overrides(["model=gpt2-tiny", "bench.steps=5", "bench.data=real"])
+    assert hydra == ["model=gpt2-tiny"] and opts == {"steps": 5, "warmup": 3, "data": "real"}
