@@ -294,9 +294,28 @@ def state_dict_to_hf(sd: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]
     return out
 
 
+def normalize_hf_key(name: str, cfg: GPTConfig) -> str | None:
+    """The canonical HF name of a checkpoint key (adds the `transformer.`/`model.` prefix that the original gpt2
+    files lack); None for buffers that are not parameters (attn.bias masks, rotary inv_freq)."""
+    if _IGNORED_HF_KEYS.search(name):
+        return None
+    pre = _prefix(cfg)
+    return name if name.startswith((pre, "lm_head.")) else pre + name
+
+
+def hf_param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF parameter name of cfg's model and its shape (lm_head.weight included even when tied)."""
+    from model.gpt import GPT
+
+    with torch.device("meta"):
+        sd = GPT(cfg).state_dict()
+    return {k: tuple(v.shape) for k, v in state_dict_to_hf(sd, cfg).items()}
+
+
 def state_dict_from_hf(sd: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
     """HF state dict -> ours. Tolerates a missing `transformer.` prefix (original gpt2 files), buffers such as
-    attn.bias, and a missing lm_head.weight when embeddings are tied. Unknown keys are an error."""
+    attn.bias, and a missing lm_head.weight when embeddings are tied. Unknown keys are an error.
+    Works on a subset of the keys too (one shard at a time)."""
     config_to_hf(cfg)
     pre = _prefix(cfg)
     inv_top = {v: k for k, v in _top_names(cfg).items()}
@@ -304,9 +323,9 @@ def state_dict_from_hf(sd: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tenso
     out: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for name, t in sd.items():
-        if _IGNORED_HF_KEYS.search(name):
+        key = normalize_hf_key(name, cfg)
+        if key is None:
             continue
-        key = name if name.startswith((pre, "lm_head.")) else pre + name
         mod, kind = key.rsplit(".", 1)
         if mod in inv_top:
             out[f"{inv_top[mod]}.{kind}"] = t
