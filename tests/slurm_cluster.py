@@ -365,3 +365,75 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
 def slurm_cluster_2n(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """A two-node cluster (CPUs=1 each); each node in its own network namespace where possible."""
     yield from _cluster(tmp_path_factory, n_nodes=2, cpus=1)
+
+
+# ---------------------------------------------------------------- launching lmforge for the tests
+
+LAUNCH = REPO / "launch"
+# a tiny, fast config: TINY (2-layer, 32-wide GPT-2, seq_len 32) with periodic checkpoints
+JOB_CFG: tuple[str, ...] = ("model=gpt2-tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+                            "train.seq_len=32", "train.micro_batch_size=2", "train.grad_accum=1",
+                            "train.max_steps=8", "train.log_every=1", "train.eval_every=0", "train.eval_steps=0",
+                            "train.ckpt_every=2", "train.sample_every=0", "train.sample_tokens=0",
+                            "train.device=cpu", "optim.warmup_steps=2", "logger=none")
+
+
+def launch_env(nproc: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a launch script or job: one thread per rank, CPU DeepSpeed, offline W&B."""
+    env = {"NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(extra or {})
+    return env
+
+
+def run_launch_script(script: str, run_dir: Path, *overrides: str, nproc: int = 2,
+                      env: dict[str, str] | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    """``launch/<script> run.dir=<run_dir> <overrides>`` on this machine (no Slurm)."""
+    full = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "HOSTFILE"):
+        full.pop(k, None)
+    full.update(launch_env(nproc, env))
+    if "MASTER_PORT" not in (env or {}):
+        full["MASTER_PORT"] = str(free_port())
+    return subprocess.run(["bash", str(LAUNCH / script), f"run.dir={run_dir}", *overrides], cwd=REPO, env=full,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The training loss of each step; a step logged twice (re-run after a resume) keeps its last value."""
+    return {int(e["step"]): float(e["loss"]) for e in metrics(run_dir) if "loss" in e}
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [int(e["step"]) for e in metrics(run_dir) if "loss" in e]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    latest = run_dir / "checkpoints" / "latest"
+    return run_dir / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
+
+
+def assert_same_losses(got: dict[int, float], want: dict[int, float], tol: float) -> None:
+    assert sorted(got) == sorted(want), f"steps differ: {sorted(got)} vs {sorted(want)}"
+    worst = max(abs(got[s] - want[s]) for s in want)
+    assert worst <= tol, f"losses differ by up to {worst:.3g} (> {tol}):\n{got}\n{want}"
+
+
+@pytest.fixture(scope="session")
+def zero3_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Losses of ``launch/deepspeed.sh`` (ZeRO-3, 2 CPU ranks, one node) on JOB_CFG."""
+    run_dir = tmp_path_factory.mktemp("ref") / "zero3"
+    proc = run_launch_script("deepspeed.sh", run_dir, *JOB_CFG, "strategy=zero3", nproc=2)
+    assert proc.returncode == 0, f"launch/deepspeed.sh failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    got = losses_by_step(run_dir)
+    assert sorted(got) == list(range(1, 9)), got
+    return got
