@@ -34,7 +34,9 @@ def split_tail(text: str, val_fraction: float) -> tuple[str, str]:
         return text, ""
     cut = int(len(text) * (1.0 - val_fraction))
     nl = text.find("\n", cut)
-    cut = len(text) if nl < 0 else nl + 1
+    if nl < 0:  # no line break left: cut at the next space, else mid-word
+        nl = text.find(" ", cut)
+    cut = cut if nl < 0 else nl + 1
     return text[:cut], text[cut:]
 
 

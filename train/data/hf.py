@@ -99,16 +99,18 @@ class _PackedStream(IterableDataset):
     """Documents of one (rank, worker) share -> EOT-separated tokens -> (x, y) micro-batches."""
 
     def __init__(self, ds, tok: Tokenizer, text_field: str, seq_len: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, endless: bool, skip: list[int]) -> None:
+                 dp_rank: int, dp_size: int, endless: bool, skip: list[int], rotate: int) -> None:
         self.ds, self.tok, self.text_field = ds, tok, text_field
         self.seq_len, self.B, self.rank, self.world = seq_len, micro_batch_size, dp_rank, dp_size
-        self.endless, self.skip = endless, skip
+        self.endless, self.skip, self.rotate = endless, skip, rotate
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from datasets.distributed import split_dataset_by_node
 
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
+        # the DataLoader polls worker 0 first: on resume, worker 0 takes the share whose turn is next
+        w = (w + self.rotate) % nw
         part = split_dataset_by_node(self.ds, rank=self.rank * nw + w, world_size=self.world * nw)
         T, to_skip, epoch = self.seq_len, self.skip[w], 0
         buf: list[int] = []
@@ -161,7 +163,8 @@ class HFStreamLoader:
         if self.split == "val":
             self._micro = 0
         stream = _PackedStream(self.ds, self.tok, self.cfg.text_field, self.seq_len, self.micro_batch_size,
-                               self.dp_rank, self.dp_size, endless=True, skip=self._skips())
+                               self.dp_rank, self.dp_size, endless=True, skip=self._skips(),
+                               rotate=self._micro % max(1, self.num_workers))
         for xy in DataLoader(stream, batch_size=None, num_workers=self.num_workers):
             self._micro += 1
             yield xy

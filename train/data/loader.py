@@ -58,7 +58,7 @@ class _Windows(Dataset):
         self.store, self.seq_len = store, seq_len
 
     def __len__(self) -> int:
-        return (self.store.n_tokens - 1) // self.seq_len
+        return max(0, self.store.n_tokens - 1) // self.seq_len
 
     def __getitem__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.seq_len

@@ -1,0 +1,175 @@
+"""Sources: local .txt/.jsonl/.parquet files, the hf stream (via `datasets` on local files), the
+on-the-fly cache location and the resumable `train.prepare`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from train.data import DataConfig, DataError, build_dataloader, get_tokenizer
+from train.data.shards import TokenStore
+from train.prepare import main as prepare_main
+
+T = 16
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer("gpt2")
+
+
+def texts(n: int, tag: str = "d") -> list[str]:
+    return [f"{tag}{i} says " + " ".join(str(97 * i + j) for j in range(4 + i % 9)) + "." for i in range(n)]
+
+
+def stream_of(tok, docs: list[str]) -> list[int]:
+    return [t for d in docs for t in tok.encode(d) + [tok.eot_token]]
+
+
+def test_mixed_dir_token_stream(tmp_path, tok):
+    a, b, c = texts(8, "a"), texts(8, "b"), texts(8, "c")
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("\n".join(a))  # one document per .txt file
+    with open(d / "sub" / "b.jsonl", "w") as f:
+        f.writelines(json.dumps({"body": t, "n": 1}) + "\n" for t in b)
+    pq.write_table(pa.table({"body": c, "n": list(range(8))}), d / "c.parquet")
+    (d / "notes.csv").write_text("ignored: not a corpus file type\n")
+    cfg = DataConfig(source="text", path=str(d), text_field="body", val_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    ld = build_dataloader(cfg, tok, "train", T, 1)
+    docs = ["\n".join(a)] + c + b  # sorted paths: a.txt, c.parquet, sub/b.jsonl
+    train = [x for i, x in enumerate(docs) if (i + 1) // 4 == i // 4]  # every 4th document held out
+    val = [x for i, x in enumerate(docs) if (i + 1) // 4 != i // 4]
+    assert ld.store.read(0, ld.store.n_tokens).tolist() == stream_of(tok, train)
+    vl = build_dataloader(cfg, tok, "val", T, 1)
+    assert vl.store.read(0, vl.store.n_tokens).tolist() == stream_of(tok, val)
+
+
+def test_glob_and_single_text_file_tail_split(tmp_path, tok):
+    body = "\n".join(f"Line {i} of the only document." for i in range(200))
+    (tmp_path / "one.txt").write_text(body)
+    (tmp_path / "skip.md").write_text("not matched by the glob")
+    cfg = DataConfig(source="text", path=str(tmp_path / "*.txt"), val_fraction=0.1, cache_dir=str(tmp_path / "c"))
+    tr = build_dataloader(cfg, tok, "train", T, 1).store
+    va = build_dataloader(cfg, tok, "val", T, 1).store
+    cut = body.index("\n", int(len(body) * 0.9)) + 1  # one document: its last 10% from a line start
+    assert tr.read(0, tr.n_tokens).tolist() == stream_of(tok, [body[:cut]])
+    assert va.read(0, va.n_tokens).tolist() == stream_of(tok, [body[cut:]])
+
+
+def test_cache_location_from_env(tmp_path, tok, monkeypatch):
+    (tmp_path / "a.txt").write_text(" ".join(str(i) for i in range(300)))
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "envcache"))
+    ld = build_dataloader(DataConfig(source="text", path=str(tmp_path / "a.txt")), tok, "train", T, 1)
+    assert Path(ld.store.root).parent == tmp_path / "envcache" / "tokens"
+    # the key follows the content: an edit makes a new entry instead of reusing stale tokens
+    (tmp_path / "a.txt").write_text(" ".join(str(i) for i in range(301)))
+    ld2 = build_dataloader(DataConfig(source="text", path=str(tmp_path / "a.txt")), tok, "train", T, 1)
+    assert ld2.store.root != ld.store.root and ld2.store.n_tokens > ld.store.n_tokens
+
+
+def _packed(tok, docs, B):
+    """Oracle: (x rows) micro-batches of one (rank, worker) share."""
+    s = stream_of(tok, docs)
+    wins = [s[i * T:i * T + T + 1] for i in range((len(s) - 1) // T)]
+    return [torch.tensor(wins[k:k + B])[:, :-1] for k in range(0, len(wins) - B + 1, B)]
+
+
+@pytest.fixture(scope="module")
+def hf_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    docs = texts(120, "h")
+    with open(d / "train.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": t, "meta": i}) + "\n" for i, t in enumerate(docs))
+    pq.write_table(pa.table({"text": docs}), d / "train.parquet")
+    return d, docs
+
+
+@pytest.mark.parametrize("fname", ["train.jsonl", "train.parquet"])
+def test_hf_stream_from_local_files(hf_files, tok, fname):
+    d, docs = hf_files
+    cfg = DataConfig(source="hf", path=str(d / fname), val_docs=10, shuffle=False)
+    one = build_dataloader(cfg, tok, "train", T, 2)
+    expect = _packed(tok, docs[10:], 2)
+    got = [x for _, (x, _) in zip(range(len(expect)), one)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expect)) and len(got) == len(expect)
+    val = build_dataloader(cfg, tok, "val", T, 2)
+    assert torch.equal(next(iter(val))[0], _packed(tok, docs[:10], 2)[0])  # the first val_docs documents
+    # 2 ranks: a single-file stream is split record-wise, rank r reads every 2nd document
+    for r in range(2):
+        ld = build_dataloader(cfg, tok, "train", T, 2, 1, r, 2)
+        exp = _packed(tok, docs[10:][r::2], 2)
+        assert all(torch.equal(x, e) for (x, _), e in zip(ld, exp[:5]))
+
+
+def test_hf_workers_and_resume(hf_files, tok):
+    d, docs = hf_files
+    cfg = DataConfig(source="hf", path=str(d / "train.jsonl"), val_docs=10, shuffle=False, num_workers=2)
+    ld = build_dataloader(cfg, tok, "train", T, 2)
+    per_worker = [_packed(tok, docs[10:][w::2], 2) for w in range(2)]
+    expect = [per_worker[k % 2][k // 2] for k in range(10)]  # workers are read round-robin
+    it = iter(ld)
+    got = [next(it)[0] for _ in range(7)]
+    state = ld.state_dict()
+    got += [next(it)[0] for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    again = build_dataloader(cfg, tok, "train", T, 2)
+    again.load_state_dict(state)
+    it2 = iter(again)
+    assert all(torch.equal(next(it2)[0], e) for e in expect[7:])
+    other = build_dataloader(DataConfig(**{**cfg.__dict__, "num_workers": 0}), tok, "train", T, 2)
+    with pytest.raises(DataError, match="num_workers"):
+        other.load_state_dict(state)
+
+
+def test_hf_shuffle_is_seeded(hf_files, tok):
+    d, _ = hf_files
+    cfg = DataConfig(source="hf", path=str(d / "train.jsonl"), val_docs=10, shuffle=True)
+    first = [[x for _, (x, _) in zip(range(3), build_dataloader(cfg, tok, "train", T, 2, seed=s))] for s in (1, 1, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(first[0], first[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(first[0], first[2]))
+
+
+def test_prepare_resumes_after_interruption(tmp_path, tok):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(200)))
+    out = tmp_path / "out"
+    args = ["--source", "text", "--path", str(corpus), "--out", str(out), "--shard-tokens", "300", "--no-progress"]
+    assert prepare_main(args) == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    shards = sorted(p for p in out.glob("train_*.bin"))
+    assert len(shards) >= 6
+    # simulate a crash after shard 2: no index, later shards gone, a temporary file left over
+    (out / "index.json").unlink()
+    for p in shards[3:]:
+        p.unlink()
+        p.with_suffix(".json").unlink()
+    for p in out.glob("val_*"):
+        p.unlink()
+    (out / "train_000003.bin.tmp123").write_bytes(b"partial")
+    kept = {p: p.stat().st_mtime_ns for p in shards[:3]}
+    assert prepare_main(args) == 0
+    assert all(p.stat().st_mtime_ns == m for p, m in kept.items())  # completed shards are not redone
+    again = {p.name: p.read_bytes() for p in out.iterdir() if ".tmp" not in p.name}
+    assert again == files  # byte-identical to the uninterrupted run
+    # a finished dir is left alone; another corpus into it is refused
+    assert prepare_main(args) == 0
+    corpus.write_text(json.dumps({"text": "different"}) + "\n")
+    assert prepare_main(args) == 2
+
+
+def test_prepare_hf_source(hf_files, tmp_path, tok):
+    d, docs = hf_files
+    out = tmp_path / "hfout"
+    assert prepare_main(["--source", "hf", "--path", str(d / "train.jsonl"), "--val-docs", "20", "--max-docs", "50",
+                         "--out", str(out), "--no-progress"]) == 0
+    tr, va = TokenStore(out, "train", tok), TokenStore(out, "val", tok)
+    assert tr.read(0, tr.n_tokens).tolist() == stream_of(tok, docs[20:70])
+    assert va.read(0, va.n_tokens).tolist() == stream_of(tok, docs[:20])
+    assert os.path.getsize(out / "train_000000.bin") == 2 * tr.n_tokens  # uint16
