@@ -98,7 +98,7 @@ def plot_losses(events: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(e["step"], e["loss"]) for e in events if "loss" in e and math.isfinite(e["loss"])]
+    train = [(e["step"], e["loss"]) for e in events if e.get("loss") is not None]
     val = [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     if train:
@@ -135,7 +135,8 @@ class MetricsLogger:
         return self.wandb.run_id if self.wandb is not None else None
 
     def log(self, event: Mapping[str, Any]) -> None:
-        event = dict(event)
+        # a skipped (non-finite) step logs null, not NaN: metrics.jsonl stays strict JSON
+        event = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in event.items()}
         self.events.append(event)
         self._file.write(json.dumps(event) + "\n")
         self._file.flush()
@@ -185,7 +186,7 @@ class WandbLogger:
         self.run_id = self.run.id if self.run is not None else None
 
     def log(self, event: Mapping[str, Any]) -> None:
-        data = {k: v for k, v in event.items() if k != "step"}
+        data = {k: v for k, v in event.items() if k != "step" and v is not None}
         if "val_loss" in data:
             data = {"val/loss": data["val_loss"], "val/perplexity": math.exp(min(data["val_loss"], 50.0))}
         else:

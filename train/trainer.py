@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -187,7 +188,7 @@ class Trainer:
             self.logger.plot()
             self.logger.close()
         if message is not None and dist.is_main:
-            log.error(message)
+            print(message, file=sys.stderr, flush=True)
         return code
 
     def _loop(self, flops_per_token: float, peak: float) -> int:
