@@ -173,3 +173,17 @@ def test_prepare_hf_source(hf_files, tmp_path, tok):
     assert tr.read(0, tr.n_tokens).tolist() == stream_of(tok, docs[20:70])
     assert va.read(0, va.n_tokens).tolist() == stream_of(tok, docs[:20])
     assert os.path.getsize(out / "train_000000.bin") == 2 * tr.n_tokens  # uint16
+
+
+def test_hf_saved_dataset_dir(tmp_path, tok):
+    import datasets
+
+    docs = texts(40, "s")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[8:]}),
+                          "validation": datasets.Dataset.from_dict({"text": docs[:8]})}).save_to_disk(tmp_path / "ds")
+    cfg = DataConfig(source="hf", path=str(tmp_path / "ds"), val_split="validation", shuffle=False)
+    got = [x for _, (x, _) in zip(range(3), build_dataloader(cfg, tok, "train", T, 2))]
+    assert all(torch.equal(a, b) for a, b in zip(got, _packed(tok, docs[8:], 2)[:3])) and len(got) == 3
+    assert torch.equal(next(iter(build_dataloader(cfg, tok, "val", T, 2)))[0], _packed(tok, docs[:8], 2)[0])
+    with pytest.raises(DataError, match=r"no split 'test' \(splits: \['train', 'validation'\]\)"):
+        build_dataloader(DataConfig(**{**cfg.__dict__, "val_split": "test"}), tok, "val", T, 2)

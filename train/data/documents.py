@@ -63,10 +63,7 @@ class Corpus:
         h.update(json.dumps([self.kind, self.text_field, self.val_fraction, self.whole_docs,
                              _SHAKESPEARE_FORMAT if self.kind == "shakespeare" else ""]).encode())
         for f in self.files:
-            h.update(f.name.encode() + b"\0")
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
+            h.update(f.name.encode() + b"\0" + _file_hash(f).encode())
         return h.hexdigest()[:20]
 
     def describe(self) -> dict:
@@ -137,6 +134,29 @@ class Corpus:
         n = self.skipped_utf8.get(str(f), 0)
         if n:
             warnings.warn(f"skipped {n} line(s) with invalid UTF-8 in {f}", stacklevel=2)
+
+
+_memo: dict[tuple, object] = {}
+
+
+def _memoized(f: Path, what: str, compute):
+    """Per-process memo keyed by the file's identity (train and val loaders read the same files)."""
+    st = f.stat()
+    key = (what, str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _memo:
+        _memo[key] = compute(f)
+    return _memo[key]
+
+
+def _file_hash(f: Path) -> str:
+    def digest(f: Path) -> str:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return _memoized(f, "sha256", digest)
 
 
 def _record_text(f: Path, lineno: int, line: str, text_field: str) -> str:
@@ -258,7 +278,7 @@ def text_corpus(path: str | None, text_field: str, val_fraction: float) -> Corpu
             import pyarrow.parquet as pq
 
             _check_parquet_field(f, pq.ParquetFile(f), text_field)
-    n_docs = sum(_count_records(f) for f in files)
+    n_docs = sum(_memoized(f, "records", _count_records) for f in files)
     # many documents: hold out whole ones; too few for that: the tail of each
     whole = n_docs * val_fraction >= 1
     return Corpus("text", files, text_field=text_field, val_fraction=val_fraction, whole_docs=whole)

@@ -39,7 +39,7 @@ def _load(cfg: DataConfig, split_name: str):
     if not cfg.path:
         raise DataError("data.source=hf needs data.name (Hub name or builder) or data.path (local dataset)")
     p = Path(os.path.expanduser(cfg.path))
-    if p.is_dir() and (p / "dataset_dict.json").is_file() or (p / "dataset_info.json").is_file():
+    if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "dataset_info.json").is_file()):
         ds = datasets.load_from_disk(str(p))  # a save_to_disk directory
         if isinstance(ds, datasets.DatasetDict):
             if split_name not in ds:
@@ -165,7 +165,9 @@ class HFStreamLoader:
         stream = _PackedStream(self.ds, self.tok, self.cfg.text_field, self.seq_len, self.micro_batch_size,
                                self.dp_rank, self.dp_size, endless=True, skip=self._skips(),
                                rotate=self._micro % max(1, self.num_workers))
-        for xy in DataLoader(stream, batch_size=None, num_workers=self.num_workers):
+        # an own generator: creating the workers never draws from torch's global RNG
+        gen = torch.Generator().manual_seed(self.seed)
+        for xy in DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=gen):
             self._micro += 1
             yield xy
 

@@ -122,7 +122,9 @@ class IndexedLoader:
         if not self.train:
             self._consumed, self._micro = 0, 0
         sampler = _MicroBatches(self, self._consumed, self._micro)
-        dl = DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers)
+        # an own generator: creating the workers never draws from torch's global RNG
+        gen = torch.Generator().manual_seed(self.seed)
+        dl = DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers, generator=gen)
         for xy in dl:
             self._micro += 1
             yield xy
