@@ -159,8 +159,8 @@ class DeepSpeedStrategy(Strategy):
 
     def build(self, gpt_config) -> None:
         import deepspeed
-        from model import GPT
 
+        from model import GPT
         from train.optim import build_scheduler
 
         self.gpt_config = gpt_config

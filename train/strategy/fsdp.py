@@ -22,7 +22,13 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.tensor import DTensor
 
 from train.checkpoint import CheckpointError, load_extra, read_meta, save_extra, torch_load, write_meta
@@ -67,7 +73,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype, 
                reshard_after_forward: bool, offload_params: bool) -> None:
     """`fully_shard` each block, then the root (in place; parameter names are unchanged)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    offload = CPUOffloadPolicy() if offload_params else OffloadPolicy()
+    # pinned host memory speeds the H2D copies; it needs a GPU (on a CPU-only run offload is a no-op move)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload_params else OffloadPolicy()
     for i, block in enumerate(model.blocks):
         # the last block's parameters would be all-gathered again at once by backward: keep them
         reshard = reshard_after_forward and i < len(model.blocks) - 1

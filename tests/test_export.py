@@ -1,0 +1,79 @@
+"""`python -m train.export`: single (torch), FSDP2 (DCP, 2 ranks) and ZeRO-3 (2 ranks) checkpoints ->
+a Hugging Face dir that transformers loads with our model's logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_fsdp import fsdp_run
+from test_sharded import REPO, ckpt, single_run
+from test_zero import zero3_run
+
+transformers = pytest.importorskip("transformers")
+
+
+def _our_logits(state: dict, model_config: dict, x: torch.Tensor) -> torch.Tensor:
+    from model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_dict(model_config))
+    model.load_state_dict(state, assign=True)
+    model.init_buffers("cpu")
+    model.tie_weights()
+    return model.eval()(x)
+
+
+@pytest.mark.parametrize("source", ["single", "fsdp", "zero3"])
+def test_export_loads_in_transformers_with_same_logits(tmp_path_factory, tmp_path, source):
+    from train.checkpoint import torch_load
+    from train.export import export, load_full_state_dict
+
+    run = {"single": single_run, "fsdp": fsdp_run, "zero3": zero3_run}[source](tmp_path_factory)
+    src = ckpt(run, 20)
+    out = export(src, tmp_path / "hf")
+    x = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(1))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        hf_logits = hf(x).logits
+        state, meta = load_full_state_dict(src)
+        ours = _our_logits(state, meta["model_config"], x)
+        # the oracle: the single-process run's own checkpoint at the same step
+        single_ckpt = ckpt(single_run(tmp_path_factory), 20)
+        oracle = _our_logits(torch_load(single_ckpt / "model.pt"), meta["model_config"], x)
+    assert (hf_logits - ours).abs().max().item() < 1e-5  # the conversion is exact
+    assert (hf_logits - oracle).abs().max().item() < 1e-4  # and it is the model trained to step 20
+    assert meta["format"] == {"single": "torch", "fsdp": "dcp", "zero3": "deepspeed"}[source]
+    # the run's tokenizer travels with it; config.json points at its end-of-text id
+    assert (out / "tokenizer.json").is_file()
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 0
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.decode(tok.encode("To be")) == "To be"
+
+
+def test_export_cli_errors(tmp_path_factory, tmp_path):
+    """One-line errors, exit 2, nothing written: non-empty out_dir, not a checkpoint."""
+    src = ckpt(single_run(tmp_path_factory), 20)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("precious")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "train.export", *args], cwd=REPO, capture_output=True, text=True,
+                              check=False)
+
+    p = cli(str(src), str(busy))
+    assert p.returncode == 2 and p.stderr.strip() == f"error: out_dir {busy} exists and is not an empty directory; " \
+                                                     f"choose a new one", p.stderr
+    assert sorted(x.name for x in busy.iterdir()) == ["keep.txt"]
+    p = cli(str(tmp_path), str(tmp_path / "new"))
+    assert p.returncode == 2 and p.stderr.strip().startswith(f"error: checkpoint {tmp_path}: neither a checkpoint dir"), \
+        p.stderr
+    assert not (tmp_path / "new").exists()
+    # a run dir works too (its checkpoints/latest), through the real CLI
+    p = cli(str(single_run(tmp_path_factory)), str(tmp_path / "ok"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "ok" / "model.safetensors").is_file() and "step 20" in p.stdout

@@ -1,0 +1,169 @@
+"""strategy=fsdp (FSDP2) on 2 real gloo ranks: numerics vs one process, exact and N->M resume,
+meta-device init, sharded state size, offload, HSDP, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_sharded import (
+    assert_losses_close,
+    ckpt,
+    corpus_overrides,
+    init_gloo,
+    losses,
+    make_cfg,
+    session_run,
+    single_losses,
+    single_run,
+    spawn,
+    tiny_gpt_config,
+    train_run,
+)
+
+# 2 ranks x micro-batch 2 = the single run's global batch of 4
+FSDP = ["strategy=fsdp", "train.max_steps=20", "train.micro_batch_size=2", "train.ckpt_every=10"]
+
+
+def fsdp_run(f) -> Path:
+    return session_run(f, "fsdp", FSDP, nproc=2)
+
+
+def test_fsdp_matches_single_process(tmp_path_factory):
+    want, run = single_losses(tmp_path_factory), fsdp_run(tmp_path_factory)
+    got = losses(run)
+    assert_losses_close(got, want, range(1, 21), 1e-5)
+    assert_losses_close(losses(run, "val_loss"), losses(single_run(tmp_path_factory), "val_loss"), [10, 20], 1e-5)
+    meta = json.loads((ckpt(run, 20) / "meta.json").read_text())
+    assert (meta["format"], meta["strategy"], meta["world_size"]) == ("dcp", "fsdp", 2)
+
+
+def test_fsdp_composes_accum_ac_offload(tmp_path_factory):
+    """Micro-batch 1 x grad-accum 2 x 2 ranks (no reduce on the first micro-step), full activation
+    checkpointing and parameter CPU offload: still the single-process losses."""
+    run = session_run(tmp_path_factory, "fsdp_compose",
+                      ["strategy=fsdp", "train.max_steps=20", "train.micro_batch_size=1", "train.grad_accum=2",
+                       "train.activation_checkpointing=full", "strategy.offload=params"], nproc=2)
+    assert_losses_close(losses(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
+
+
+def test_fsdp_exact_resume(tmp_path_factory):
+    """10 steps + resume for 10 == 20 uninterrupted, bitwise."""
+    ref = losses(fsdp_run(tmp_path_factory))
+    run = session_run(tmp_path_factory, "fsdp_resume",
+                      [*FSDP, f"resume={ckpt(fsdp_run(tmp_path_factory), 10)}"], nproc=2)
+    got = losses(run)
+    assert sorted(got) == list(range(11, 21))
+    for s in range(11, 21):
+        assert got[s] == ref[s], f"step {s}: {got[s]!r} != {ref[s]!r}"
+
+
+def test_fsdp_resume_2_to_1_to_2(tmp_path_factory):
+    """A 2-rank checkpoint continues on 1 rank (micro-batch 4), and that one's checkpoint on 2 ranks,
+    with the uninterrupted run's losses: DCP reshards, the data order is world-size free."""
+    ref = losses(fsdp_run(tmp_path_factory))
+    one = session_run(tmp_path_factory, "fsdp_2to1",
+                      ["strategy=fsdp", "train.max_steps=20", "train.micro_batch_size=4", "train.ckpt_every=5",
+                       f"resume={ckpt(fsdp_run(tmp_path_factory), 10)}"], nproc=1)
+    assert_losses_close(losses(one), ref, range(11, 21), 1e-5)
+    assert json.loads((ckpt(one, 15) / "meta.json").read_text())["world_size"] == 1
+    two = session_run(tmp_path_factory, "fsdp_1to2", [*FSDP, f"resume={ckpt(one, 15)}"], nproc=2)
+    assert_losses_close(losses(two), ref, range(16, 21), 1e-5)
+
+
+# ---------------------------------------------------------------- in-process, 2 spawned ranks
+
+
+def _build_worker(rank: int, world_size: int, port: int, out_dir: str, replicate: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from model import GPT
+    from train.distributed import DistInfo
+    from train.strategy.base import SingleStrategy
+    from train.strategy.fsdp import FSDPStrategy, apply_fsdp, build_mesh
+
+    init_gloo(rank, world_size, port)
+    gpt = tiny_gpt_config()
+    cfg = make_cfg(strategy__name="fsdp", strategy__replicate_degree=replicate, train__seed=7, optim__grad_clip=1.0)
+    result: dict = {}
+
+    # sharding happens on meta, before any parameter memory exists
+    with torch.device("meta"):
+        meta_model = GPT(gpt)
+    apply_fsdp(meta_model, build_mesh(torch.device("cpu"), world_size, replicate), param_dtype=torch.float32,
+               reduce_dtype=torch.float32, reshard_after_forward=True, offload_params=False)
+    params = list(meta_model.parameters())
+    result["all_dtensor_on_meta"] = all(isinstance(p, DTensor) and p.to_local().is_meta for p in params)
+    result["local_numel"] = sum(p.to_local().numel() for p in params)
+    result["global_numel"] = sum(p.numel() for p in params)
+
+    # the strategy's initial weights == the single-process init for the same seed
+    strat = FSDPStrategy(cfg, DistInfo(rank=rank, local_rank=rank, world_size=world_size))
+    strat.build(gpt)
+    single = SingleStrategy(cfg, DistInfo())
+    single.build(gpt)
+    ref = dict(single.model.named_parameters())
+    result["init_equal"] = all(torch.equal(p.full_tensor(), ref[n]) for n, p in strat.model.named_parameters())
+    result["placements"] = [str(pl) for pl in strat.model.tok_emb.weight.placements]
+
+    # one optimizer step on a global batch of 4 split over the ranks == the single-process step
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 96, (4, 32), generator=g), torch.randint(0, 96, (4, 32), generator=g)
+    per = 4 // world_size
+    strat.micro_step(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], last=True)
+    norm, _ = strat.step()
+    single.micro_step(x, y, last=True)
+    ref_norm, _ = single.step()
+    result["grad_norm"] = [float(norm), float(ref_norm)]
+    result["max_param_diff"] = max((p.full_tensor() - ref[n]).abs().max().item() for n, p in strat.model.named_parameters())
+    result["bytes"] = strat.local_state_bytes()
+    result["single_bytes"] = single.local_state_bytes()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("replicate", [1, 2], ids=["fsdp", "hsdp"])
+def test_fsdp_meta_init_state_bytes_and_one_step(tmp_path, replicate):
+    spawn(_build_worker, 2, str(tmp_path), replicate)
+    for rank in range(2):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["all_dtensor_on_meta"], "fully_shard must turn meta parameters into DTensor shards"
+        assert r["init_equal"], "initial FSDP weights differ from the single-process init"
+        assert r["max_param_diff"] < 1e-6, r["max_param_diff"]
+        assert abs(r["grad_norm"][0] - r["grad_norm"][1]) < 1e-5 * r["grad_norm"][1]
+        b, s = r["bytes"], r["single_bytes"]
+        if replicate == 1:  # FSDP: each rank holds half of parameters and AdamW state
+            assert r["placements"] == ["Shard(dim=0)"]
+            assert abs(r["local_numel"] / r["global_numel"] - 0.5) < 0.05
+            for key in ("params", "optimizer"):
+                assert abs(b[key] / s[key] - 0.5) < 0.05, (key, b[key], s[key])
+        else:  # HSDP on 2 ranks: (replicate=2, shard=1) -> full replicas, gradients all-reduced
+            assert r["placements"] == ["Replicate()", "Shard(dim=0)"]
+            assert r["local_numel"] == r["global_numel"]
+            assert b["params"] == s["params"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_fsdp_bad_input_messages():
+    from train.strategy.fsdp import validate_fsdp_config
+
+    with pytest.raises(ValueError, match=r"^strategy.offload='optimizer' is not supported by strategy=fsdp; "
+                                         r"allowed: none, params"):
+        validate_fsdp_config(make_cfg(strategy__name="fsdp", strategy__offload="optimizer"), 2)
+    with pytest.raises(ValueError, match=r"^strategy.replicate_degree=3 must be >= 1 and divide the world size 2$"):
+        validate_fsdp_config(make_cfg(strategy__name="fsdp", strategy__replicate_degree=3), 2)
+
+
+def test_fsdp_refuses_foreign_checkpoint_format(tmp_path_factory, tmp_path):
+    """Resuming a single-process (format torch) checkpoint under fsdp: a one-line error, exit 2."""
+    proc = train_run(tmp_path / "run", [*corpus_overrides(tmp_path_factory), "strategy=fsdp", "train.max_steps=20",
+                                        "train.micro_batch_size=4",
+                                        f"resume={ckpt(single_run(tmp_path_factory), 10)}"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "format 'torch'" in err[0] and "strategy=fsdp resumes only format 'dcp'" in err[0], err
