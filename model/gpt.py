@@ -284,7 +284,9 @@ class GPT(nn.Module):
                 start_pos: int = 0) -> Tensor | tuple[Tensor, Tensor]:
         """idx (B, T) token ids -> logits (B, T, vocab); with return_hidden also the final-normed hidden (B, T, C)."""
         cfg = self.config
-        T = idx.shape[1]  # idx (B, T)
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be token ids of shape (B, T); got shape {tuple(idx.shape)}")
+        T = idx.shape[1]
         if start_pos + T > cfg.block_size:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds block_size={cfg.block_size}")
         x = self.tok_emb(idx)  # (B, T, C)
@@ -322,6 +324,9 @@ class GPT(nn.Module):
             raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
         if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
             raise ValueError(f"top_k={top_k!r} must be None or a positive integer")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got ids in [{lo}, {hi}]")
         if max_new_tokens == 0:
             return idx
         bs = self.config.block_size

@@ -141,6 +141,24 @@ def test_too_long_sequence_is_a_clear_error() -> None:
     m = build(tiny("gpt2-tiny", block_size=8))
     with pytest.raises(ValueError, match="exceeds block_size=8"):
         m(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \(B, T\); got shape \(9,\)"):
+        m(torch.zeros(9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\); got ids in \[0, 600\]"):
+        m.generate(torch.tensor([[0, 600]]), 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TINY)
+def test_cuda_bf16_matches_fp32_and_cached_generation(name: str) -> None:
+    m = build(tiny(name)).cuda()
+    x = torch.randint(0, V, (2, 64), device="cuda")
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = m(x)
+    assert (low.float() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+    prompt = x[:, :5]
+    assert torch.equal(m.generate(prompt, 20, temperature=0), m.generate(prompt, 20, temperature=0, use_cache=False))
 
 
 # ---- initialisation --------------------------------------------------------------------------
