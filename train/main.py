@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -228,6 +229,40 @@ def main(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
+def _hydra_error_line(e: BaseException) -> str:
+    """Hydra's composition error (and its cause) as one line, without the search-path dump."""
+    parts: list[str] = []
+    while e is not None and len(parts) < 3:
+        text = str(e).split("Config search path:")[0]
+        lines = [ln for ln in text.splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+        options = [ln.strip() for ln in lines if ln.startswith("\t")]  # "Available options" list
+        text = " ".join(ln.strip() for ln in lines if not ln.startswith("\t"))
+        if options:
+            text += " " + ", ".join(options)
+        text = re.sub(r"\s*(reference_type|object_type)=\S+", "", text).strip()
+        if text and text not in parts:
+            parts.append(text)
+        e = e.__cause__
+    return "; ".join(parts)
+
+
+def precheck(args: list[str]) -> Optional[str]:
+    """Compose the config once with the CLI overrides (no run dir, no work) so a typo, a wrong
+    type or an unknown group option is reported as one line. Flags (-m, --cfg, ...) and hydra.*
+    overrides are left to Hydra itself."""
+    if any(a.startswith("-") for a in args):
+        return None
+    overrides = [a for a in args if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            compose(config_name="config", overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - every composition error is a user error here
+        return _hydra_error_line(e)
+    return None
+
+
 def cli() -> None:
     """``python -m train``. Under a multi-process launcher every rank must use the same run dir:
     the default ``runs/<date>/<time>`` is derived from rank 0's clock (shared through the job's
@@ -236,6 +271,10 @@ def cli() -> None:
 
     _, _, world = env_rank_info()
     args = sys.argv[1:]
+    problem = precheck(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     if world > 1 and not any(a.split("=", 1)[0].lstrip("+~") in ("run.dir", "hydra.run.dir") for a in args):
         stamp = time.localtime(shared_timestamp())
         sys.argv.append(f"run.dir=runs/{time.strftime('%Y-%m-%d', stamp)}/{time.strftime('%H-%M-%S', stamp)}")
