@@ -1,0 +1,121 @@
+"""Checkpoints that cannot be used: missing, truncated, garbage, code-carrying, another model shape;
+every one is a one-line error before any training, leaving no run dir behind. And a save that
+fails never harms the previous checkpoint or ``latest``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY, compose, one_line_error, train_in_process
+
+BASE = (*TINY, "train.max_steps=2")
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory) -> Path:
+    code, run_dir = train_in_process(tmp_path_factory.mktemp("good") / "run", *BASE)
+    assert code == 0
+    return run_dir
+
+
+def _ckpt_copy(good_run: Path, dest: Path) -> Path:
+    src = good_run / "checkpoints" / "step_0000002"
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _resume_error(tmp_path: Path, capsys, resume: str, *over: str) -> str:
+    code, run_dir = train_in_process(tmp_path / "new", *BASE, f"resume={resume}", *over)
+    assert code == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert not run_dir.exists(), "a failed resume left a run dir behind"
+    return line
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_resume_missing_path(tmp_path, capsys):
+    line = _resume_error(tmp_path, capsys, str(tmp_path / "nope"))
+    assert str(tmp_path / "nope") in line and "no such file" in line
+
+
+def test_resume_dir_without_checkpoint(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    line = _resume_error(tmp_path, capsys, str(tmp_path / "plain"))
+    assert "not a checkpoint" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickled-code", "bad-meta"])
+def test_resume_damaged_checkpoint(tmp_path, capsys, good_run, damage):
+    ckpt = _ckpt_copy(good_run, tmp_path / "ckpt")
+    model_pt = ckpt / "model.pt"
+    if damage == "truncated":
+        data = model_pt.read_bytes()
+        model_pt.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        model_pt.write_bytes(os.urandom(4096))
+    elif damage == "pickled-code":  # weights_only=True refuses to run it
+        torch.save({"tok_emb.weight": _Evil()}, model_pt)
+    else:
+        (ckpt / "meta.json").write_text("{not json")
+    line = _resume_error(tmp_path, capsys, str(ckpt))
+    expected = "meta.json" if damage == "bad-meta" else "model.pt"
+    assert expected in line and str(ckpt) in line, line
+
+
+def test_resume_into_a_different_model_shape(tmp_path, capsys, good_run):
+    line = _resume_error(tmp_path, capsys, str(good_run), "model.n_embd=64")
+    # names a tensor and both shapes
+    assert "tok_emb.weight" in line or "weight" in line, line
+    assert "[50257, 32]" in line and "[50257, 64]" in line, line
+
+
+def test_resume_none_refuses_to_overwrite_existing_checkpoints(tmp_path, capsys, good_run):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(good_run, run_dir)
+    before = (run_dir / "checkpoints" / "latest").read_text()
+    code, _ = train_in_process(run_dir, *BASE, "resume=none")
+    assert code == 2
+    assert "already holds checkpoints" in one_line_error(capsys.readouterr().err)
+    assert (run_dir / "checkpoints" / "latest").read_text() == before
+    assert run_dir.exists()  # an existing run dir is never removed
+
+
+def _digest(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def test_failed_save_keeps_previous_checkpoint_and_latest(tmp_path):
+    """A save that fails half-way (model and optimizer written, then the extra state cannot be
+    serialized) leaves the previous checkpoint byte-identical, ``latest`` unchanged, no temp dir."""
+    from train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+    from train.distributed import init_distributed
+    from train.main import build_gpt_config
+    from train.strategy import build_strategy
+
+    cfg = compose(f"run.dir={tmp_path}", *TINY)
+    strategy = build_strategy(cfg, init_distributed("cpu"))
+    strategy.build(build_gpt_config(cfg))
+    good = save_checkpoint(strategy, tmp_path, 1, {"trainer": {"step": 1}}, keep_last=1, is_main=True)
+    before = _digest(good)
+    with torch.no_grad():
+        for p in strategy.raw_model.parameters():
+            p.add_(1.0)  # the failed save would carry different weights
+    with pytest.raises(CheckpointError, match="saving checkpoint .*step_0000002 failed"):
+        save_checkpoint(strategy, tmp_path, 2, {"trainer": {"step": 2}, "bad": lambda: None}, keep_last=1,
+                        is_main=True)
+    assert latest_checkpoint(tmp_path) == good
+    assert _digest(good) == before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000001"]
+    # keep_last=1 prunes only after a *successful* save; overwrite of the same step is atomic too
+    again = save_checkpoint(strategy, tmp_path, 1, {"trainer": {"step": 1}}, keep_last=1, is_main=True)
+    assert again == good and _digest(good) != before
