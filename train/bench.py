@@ -187,6 +187,13 @@ def run_bench(cfg: Any, steps: int = 10, warmup: int = 3, data: str = "synthetic
     fpt = float(flops_per_token(gpt_config, t.seq_len))
     shape = model_shape(cfg.model.preset, t.seq_len, **_model_overrides(cfg))
     hfu_fpt = fpt + recompute_flops_per_token(shape, t.seq_len, t.activation_checkpointing)
+    state = [{k: int(v) for k, v in strategy.local_state_bytes().items()}]
+    if world > 1:  # every rank's share, to check sharding: gathered to all (rank 0 prints)
+        import torch.distributed
+
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, state[0])
+        state = gathered
     tokens_per_s = tokens_per_step / step_time
     per_device = tokens_per_s / world
     if cuda:
@@ -223,7 +230,8 @@ def run_bench(cfg: Any, steps: int = 10, warmup: int = 3, data: str = "synthetic
         "hfu": per_device * hfu_fpt / peak,
         "peak_memory_bytes": int(peak_mem),
         "peak_memory_kind": mem_kind,
-        "state_bytes": {k: int(v) for k, v in strategy.local_state_bytes().items()},
+        "state_bytes": state[dist.rank],
+        "state_bytes_per_rank": state,
         "loss": float(loss) if loss is not None else None,
     }
 

@@ -79,6 +79,7 @@ class PlanArgs:
     context_gb: float = 1.0  # CUDA context + cuBLAS/NCCL workspaces, outside torch's allocator
     intra_node_gbps: float = 300.0  # GB/s a GPU sustains in an intra-node collective (NVLink busbw)
     inter_node_gbps: float = 50.0  # GB/s per GPU across nodes (one 400 Gb/s NIC per GPU)
+    hsdp_shard: int = 0  # hsdp: GPUs in one shard group (0 = one node); replicas = nodes * gpus / hsdp_shard
     optimizer: str = "fused"  # AdamW kernel: fused (no step temporaries) | foreach | forloop (torch's CPU default)
     ddp_bucket_view: bool = False  # DDP(gradient_as_bucket_view=True) shares buckets with the gradients
 
@@ -109,6 +110,10 @@ class PlanArgs:
                 f"gpu={self.gpu!r} is not in the peak table ({', '.join(GPU_PEAK_TFLOPS)}); "
                 "pass peak_tflops=<dense TFLOP/s> for another device"
             )
+        if self.hsdp_shard < 0 or (self.strategy == "hsdp" and self.hsdp_shard
+                                   and (self.nodes * self.gpus) % self.hsdp_shard):
+            raise ValueError(f"hsdp_shard={self.hsdp_shard} must divide the {self.nodes * self.gpus} GPUs "
+                             "(0 = one node)")
         if self.strategy == "single" and self.nodes * self.gpus != 1:
             raise ValueError(f"strategy=single runs on one device, got nodes={self.nodes} gpus={self.gpus}")
         if self.offload != "none" and self.strategy in ("single", "ddp"):
@@ -155,6 +160,7 @@ class ModelShape:
     pos: str
     parallel_residual: bool
     shared_attn_norm: bool
+    tie_embeddings: bool
 
 
 def model_shape(name: str, seq_len: int, **overrides: Any) -> ModelShape:
@@ -180,6 +186,7 @@ def model_shape(name: str, seq_len: int, **overrides: Any) -> ModelShape:
         n_head=cfg.n_head, head_dim=cfg.head_dim, q_dim=cfg.q_dim, kv_dim=cfg.kv_dim, ffn_hidden=cfg.ffn_hidden,
         vocab_size=cfg.vocab_size, mlp=cfg.mlp, norm=cfg.norm, norm_offset=cfg.norm_offset, pos=cfg.pos,
         parallel_residual=cfg.parallel_residual, shared_attn_norm=cfg.shared_attn_norm,
+        tie_embeddings=cfg.tie_embeddings,
     )
 
 
@@ -260,16 +267,25 @@ class ActivationEstimate:
     weight_casts_forward: float  # autocast's 16-bit weight cache, alive until autocast exits
     weight_casts_kept: float  # the part of it saved for backward
     block_input: float  # one block's input (what full AC keeps)
+    tied_grad_sum: float  # tied embedding: its lookup gradient and the sum with the LM head's, per grad byte
 
-    def peak(self, grads: float, grads_root: float) -> float:
-        """Peak bytes from forward through backward, gradients allocated in backward included."""
+    def peak(self, grads: float, grads_root: float, grad_bytes: float = 4.0) -> float:
+        """Peak bytes from forward through backward, gradients allocated in backward included.
+
+        Gradients grow while activations are freed, so besides the loss backward the candidates are the
+        LM head's backward (its weight gradient next to the logits and their gradient), the top block's
+        backward and the end of backward (all gradients; with tied embeddings the lookup's dense
+        gradient and its out-of-place sum with the LM head's).
+        """
         end_forward = self.saved_blocks + self.head_inputs + self.logits + self.weight_casts_forward
         loss_bwd = (self.saved_blocks + self.head_inputs + self.logits + self.weight_casts_kept
                     + self.loss_backward)
+        head_bwd = self.saved_blocks + self.head_inputs + 2 * self.logits + self.weight_casts_kept + grads_root
         top_block = (self.saved_blocks - self.block_input + self.recompute_block + self.logits
                      + self.weight_casts_kept + grads_root)
+        bottom = grads + self.block_input + self.logits + self.tied_grad_sum * grad_bytes
         bottom_block = grads + self.recompute_block + self.block_input + self.logits
-        return max(end_forward, loss_bwd, top_block, bottom_block)
+        return max(end_forward, loss_bwd, head_bwd, top_block, bottom, bottom_block)
 
 
 def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act: int, resid: int,
@@ -306,6 +322,7 @@ def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act
         saved_blocks=saved, head_inputs=head_inputs, logits=act * V * tokens, loss_backward=12.0 * V * tokens,
         recompute_block=recompute, weight_casts_forward=casts_all, weight_casts_kept=casts_kept,
         block_input=block_input if ac != "none" else 0.0,
+        tied_grad_sum=2.0 * V * h if s.tie_embeddings else 0.0,
     )
 
 
@@ -341,7 +358,7 @@ def _state_bytes_per_param(strategy: str, precision: str) -> dict[str, float]:
 
 def _shard_factors(a: PlanArgs) -> dict[str, int]:
     world = a.nodes * a.gpus
-    shard = a.gpus if a.strategy == "hsdp" else world
+    shard = (a.hsdp_shard or a.gpus) if a.strategy == "hsdp" else world
     return {
         "single": {"params": 1, "grads": 1, "optimizer": 1},
         "ddp": {"params": 1, "grads": 1, "optimizer": 1},
@@ -436,7 +453,8 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
         allocated = params + grads + optim + comm + dynamic
     else:
         # torch frees .grad (set_to_none) after the step; backward refills it as activations are freed
-        fwd_bwd = acts.peak(grads, grads_root)
+        unsharded_grad_b = act_b if shard["grads"] > 1 else per["grads"]  # FSDP: the unit's gradient before reduce
+        fwd_bwd = acts.peak(grads, grads_root, unsharded_grad_b)
         if a.grad_accum > 1:  # gradients of earlier micro-batches stay allocated
             fwd_bwd = max(fwd_bwd, acts.peak(0.0, 0.0) + grads)
         dynamic = max(fwd_bwd, grads + opt_temp)
@@ -526,9 +544,11 @@ def _comm_time(a: PlanArgs, s: ModelShape) -> float:
         gathers = 2 * a.grad_accum  # forward + backward all-gather per micro-batch
         return (gathers * N * pb + N * gb) * frac / bw
     if a.strategy == "hsdp":
-        g = a.gpus
-        intra = (2 * a.grad_accum * N * pb + N * gb) * (g - 1) / g / (a.intra_node_gbps * 1e9) if g > 1 else 0.0
-        inter = 2 * (N * gb / g) * (a.nodes - 1) / a.nodes / (a.inter_node_gbps * 1e9) if a.nodes > 1 else 0.0
+        g = a.hsdp_shard or a.gpus  # shard group: all-gather / reduce-scatter inside it
+        r = world // g  # replicas: all-reduce of the gradient shards across them
+        bw_shard = (a.intra_node_gbps if g <= a.gpus else a.inter_node_gbps) * 1e9
+        intra = (2 * a.grad_accum * N * pb + N * gb) * (g - 1) / g / bw_shard if g > 1 else 0.0
+        inter = 2 * (N * gb / g) * (r - 1) / r / (a.inter_node_gbps * 1e9) if r > 1 else 0.0
         return intra + inter
     # zero1 / zero2: reduce-scatter gradients, all-gather updated parameters
     return (N * 2 + N * 2) * frac / bw if low else (N * gb + N * 4) * frac / bw
@@ -571,6 +591,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu_mem_gb", type=float, default=d.gpu_mem_gb, help="memory per GPU, GiB")
     p.add_argument("--micro_batch", type=int, default=d.micro_batch, help="sequences per GPU per micro-step")
     p.add_argument("--grad_accum", type=int, default=d.grad_accum)
+    p.add_argument("--hsdp_shard", type=int, default=d.hsdp_shard, help="hsdp: GPUs per shard group (0: one node)")
     p.add_argument("--seq_len", type=int, default=d.seq_len)
     p.add_argument("--precision", default=d.precision, help=f"one of {', '.join(PRECISIONS)}")
     p.add_argument("--ac", default=d.ac, help=f"activation checkpointing: one of {', '.join(AC_MODES)}")

@@ -1,0 +1,54 @@
+"""train.plan for falcon-40b on 8 / 16 / 32 / 64 x 80 GB GPUs (H100 SXM), fsdp / hsdp / zero3, full AC, seq 2048.
+
+    .venv/bin/python benchmarks/falcon40b_plan.py [--mfu 0.4] [--seq-len 2048]
+
+Per configuration: the per-GPU peak at micro-batch 1 (with the 5% fragmentation margin and 1 GiB of
+CUDA context), the largest micro-batch that fits, and at that micro-batch the estimated step time and
+tokens/s at the stated MFU, with the communication time it has to hide (FSDP/ZeRO-3 all-gather the
+parameters twice and reduce-scatter the gradients every step; HSDP shards within a node and all-reduces
+gradient shards across nodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from train.plan import PlanArgs, model_shape, plan
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="falcon-40b")
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    args = p.parse_args()
+    shape = model_shape(args.model, args.seq_len)
+    print(f"{args.model}: {shape.n_params / 1e9:.2f} B params, bf16, full AC, seq {args.seq_len}, "
+          f"{args.gpu_mem_gb:g} GiB GPUs (H100 SXM, {args.mfu:.0%} MFU), AdamW")
+    print(f"{'GPUs':>5} {'strategy':<9}{'peak@B=1':>10}{'fits':>6}{'max B':>7}{'peak@max':>10}"
+          f"{'step s':>8}{'comm s':>8}{'tokens/s':>11}{'params':>8}{'grads':>7}{'optim':>7}{'acts':>7}{'comm':>7}")
+    for nodes in (1, 2, 4, 8):
+        for strategy in ("fsdp", "hsdp", "zero3"):
+            if strategy == "hsdp" and nodes == 1:
+                continue  # one node: hsdp is fsdp
+            a = PlanArgs(model=args.model, strategy=strategy, nodes=nodes, gpus=8, gpu_mem_gb=args.gpu_mem_gb,
+                         hsdp_shard=16 if strategy == "hsdp" else 0,
+                         micro_batch=1, seq_len=args.seq_len, precision="bf16", ac="full", mfu=args.mfu, gpu="h100")
+            one = plan(a, shape)
+            b = one.max_micro_batch
+            best = plan(dataclasses.replace(a, micro_batch=b), shape) if b else one
+            m = one.memory_gib
+            label = "hsdp/16" if strategy == "hsdp" else strategy
+            print(f"{nodes * 8:>5} {label:<9}{one.peak_gib:>9.1f}G{'yes' if one.fits else 'NO':>6}{b:>7}"
+                  f"{best.peak_gib if b else float('nan'):>9.1f}G{best.step_time_s:>8.2f}{best.comm_time_s:>8.2f}"
+                  f"{best.tokens_per_s if b else 0:>11,.0f}{m['parameters']:>8.1f}{m['gradients']:>7.1f}"
+                  f"{m['optimizer_states']:>7.1f}{m['activations']:>7.1f}{m['communication_buffers']:>7.1f}")
+    print("memory columns: GiB per GPU at micro-batch 1; tokens/s for the whole job at the largest micro-batch;\n"
+          "hsdp/16: shard groups of 16 GPUs (2 nodes), replicated across groups")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
