@@ -4,7 +4,6 @@ raised before any tokenizing where possible, and no partial output left behind."
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -193,7 +192,7 @@ def test_missing_tokens_dir(tmp_path, tok):
 ])
 def test_bad_arguments(tmp_path, tok, kw, match):
     cfg = DataConfig(cache_dir=str(tmp_path), **kw.pop("cfg", {}))
-    args = dict(split="train", seq_len=T, micro_batch_size=2) | kw
+    args = {"split": "train", "seq_len": T, "micro_batch_size": 2} | kw
     with pytest.raises(DataError, match=match) as e:
         build_dataloader(cfg, tok, **args)
     one_line(e)

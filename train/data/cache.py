@@ -10,9 +10,9 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from train.data.config import DataConfig
 from train.data.documents import Corpus, shakespeare_corpus, text_corpus

