@@ -113,7 +113,7 @@ def measure(overrides: list[str], threads: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="262144", OMP_NUM_THREADS=str(threads),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(overrides)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"error: measuring {overrides} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

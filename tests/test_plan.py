@@ -103,9 +103,9 @@ def _saved_block_bytes(name: str, autocast: bool, B: int, T: int) -> tuple[float
             seen.setdefault(st.data_ptr(), st.nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            block(x, cos, sin)
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
+        block(x, cos, sin)
     s = model_shape(name, T)
     act = 2 if autocast else 4
     predicted = block_saved_bytes_per_token(s, act, 4, autocast, B) * B * T

@@ -189,10 +189,10 @@ def run_bench(cfg: Any, steps: int = 10, warmup: int = 3, data: str = "synthetic
     hfu_fpt = fpt + recompute_flops_per_token(shape, t.seq_len, t.activation_checkpointing)
     state = [{k: int(v) for k, v in strategy.local_state_bytes().items()}]
     if world > 1:  # every rank's share, to check sharding: gathered to all (rank 0 prints)
-        import torch.distributed
+        from torch import distributed as torch_dist
 
         gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, state[0])
+        torch_dist.all_gather_object(gathered, state[0])
         state = gathered
     tokens_per_s = tokens_per_step / step_time
     per_device = tokens_per_s / world
