@@ -20,6 +20,7 @@ SUPPORTED_MODEL_TYPES = ("gpt2", "falcon", "gemma", "llama")
 _IGNORED_HF_KEYS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
 
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+_FALCON_ALIASES = ("RefinedWebModel", "RefinedWeb")
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -54,6 +55,10 @@ def _gelu_approx(act: str, field: str, model_type: str) -> str:
 def config_from_hf(d: dict[str, Any]) -> GPTConfig:
     """A GPTConfig equal in architecture to the HF config dict (config.json contents)."""
     mt = d.get("model_type")
+    if mt in _FALCON_ALIASES:  # Falcon's original remote-code configs: RefinedWebModel (7B), RefinedWeb (40B)
+        d = {**d, "new_decoder_architecture": mt == "RefinedWeb",
+             "num_kv_heads": d.get("num_kv_heads", d.get("n_head_kv"))}
+        mt = "falcon"
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type={mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if mt == "gpt2":

@@ -138,6 +138,17 @@ def test_param_count_equals_transformers(name: str) -> None:
     assert ours_shapes == hf_shapes
 
 
+def test_original_falcon_remote_code_configs() -> None:
+    """tiiuae's first config.json files (model_type RefinedWebModel / RefinedWeb, short key names)."""
+    old_7b = {"model_type": "RefinedWebModel", "hidden_size": 4544, "n_head": 71, "n_layer": 32, "multi_query": True,
+              "parallel_attn": True, "bias": False, "alibi": False, "vocab_size": 65024, "layer_norm_epsilon": 1e-5}
+    old_40b = {"model_type": "RefinedWeb", "hidden_size": 8192, "n_head": 128, "n_head_kv": 8, "n_layer": 60,
+               "parallel_attn": True, "bias": False, "alibi": False, "vocab_size": 65024,
+               "layer_norm_epsilon": 1e-5}
+    assert config_from_hf(old_7b) == GPTConfig.from_name("falcon-7b")
+    assert config_from_hf(old_40b) == GPTConfig.from_name("falcon-40b")
+
+
 @pytest.mark.parametrize("d, msg", [
     ({"model_type": "mistral"}, "unsupported model_type='mistral'; supported: gpt2, falcon, gemma, llama"),
     ({"model_type": "falcon", "alibi": True}, "alibi=True cannot be represented"),
