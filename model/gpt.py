@@ -140,9 +140,15 @@ class Attention(nn.Module):
             if T > 1:
                 S = k.shape[2]
                 mask = torch.arange(S, device=x.device)[None, :] <= (start_pos + torch.arange(T, device=x.device))[:, None]
+        gqa = self.n_kv_head != self.n_head
+        if gqa and q.is_cuda and q.dtype == torch.float32:
+            # fp32 on CUDA has no flash kernel and the memory-efficient one lacks GQA: repeat the KV heads
+            # rather than let SDPA fall back to the O(T^2)-memory math path
+            g = self.n_head // self.n_kv_head
+            k, v, gqa = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
+            enable_gqa=gqa,
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.o_proj(y))
