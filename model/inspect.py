@@ -148,7 +148,10 @@ def render_text(model: GPT, info: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.inspect", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m model.inspect",
+        description="Explain a model: module tree, weight shapes, parameters, storage, training memory, FLOPs/token. "
+                    "Built on the meta device (no weights allocated).")
     ap.add_argument("model", help=f"preset ({', '.join(PRESETS)}) or a Hugging Face model dir / config.json")
     ap.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     ap.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: block_size)")
