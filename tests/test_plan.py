@@ -66,6 +66,14 @@ def test_state_bytes_match_count_params(gpt2_shape, strategy, precision, nodes, 
     assert bd["optimizer_states"] == pytest.approx(n * expect[2])
 
 
+def test_hsdp_shard_group_spans_nodes(gpt2_shape):
+    n = gpt2_shape.n_params
+    bd, _, _ = memory_bytes(_args(strategy="hsdp", nodes=4, gpus=8, hsdp_shard=16), gpt2_shape)
+    assert bd["optimizer_states"] == pytest.approx(8 * n / 16)
+    with pytest.raises(ValueError, match="hsdp_shard=12 must divide the 32 GPUs"):
+        _args(strategy="hsdp", nodes=4, gpus=8, hsdp_shard=12).validate()
+
+
 def test_offload_moves_states_to_cpu(gpt2_shape):
     a = _args(strategy="zero3", nodes=1, gpus=8)
     on, _, off0 = memory_bytes(a, gpt2_shape)
