@@ -187,3 +187,16 @@ def test_hf_saved_dataset_dir(tmp_path, tok):
     assert torch.equal(next(iter(build_dataloader(cfg, tok, "val", T, 2)))[0], _packed(tok, docs[:8], 2)[0])
     with pytest.raises(DataError, match=r"no split 'test' \(splits: \['train', 'validation'\]\)"):
         build_dataloader(DataConfig(**{**cfg.__dict__, "val_split": "test"}), tok, "val", T, 2)
+
+
+def test_long_document_tokenized_in_pieces(tmp_path, tok, monkeypatch):
+    from train.data import shards
+
+    monkeypatch.setattr(shards, "_PIECE_CHARS", 100)  # force the long-document path on a small file
+    body = "\n".join(f"Line {i} speaks of thing{i}\n\n  and more" for i in range(120))
+    (tmp_path / "a.txt").write_text(body)
+    (tmp_path / "b.txt").write_text("short second document")
+    cfg = DataConfig(source="text", path=str(tmp_path / "*.txt"), val_fraction=0.0, cache_dir=str(tmp_path / "c"))
+    store = build_dataloader(cfg, tok, "train", T, 1).store
+    assert store.read(0, store.n_tokens).tolist() == stream_of(tok, [body, "short second document"])
+    assert len(shards.split_for_tokenizing(body, 100)) > 20

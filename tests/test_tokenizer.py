@@ -87,3 +87,16 @@ def test_bad_names():
         get_tokenizer("gpt3")
     with pytest.raises(DataError, match="tokenizer.json"):
         get_tokenizer(str(Path(__file__).parent))  # a dir without tokenizer.json
+
+
+def test_long_text_pieces_encode_like_the_whole(gpt2):
+    from train.data.documents import shakespeare_files
+    from train.data.shards import split_for_tokenizing
+
+    # raw markdown has "  \n" hard breaks, blank lines and indentation: the tricky boundaries
+    raw = "".join(f.read_text(encoding="utf-8") for f in shakespeare_files()[:2])
+    raw += "\nword\n   indented\nword\n\n\nx  \ny\t\nz 12\nok\r\nfin\n"
+    for text, min_pieces in ((raw, 10), (play_to_text(raw), 100)):
+        pieces = split_for_tokenizing(text, 2000)
+        assert len(pieces) > min_pieces and "".join(pieces) == text
+        assert [t for ids in gpt2.encode_batch(pieces) for t in ids] == gpt2.encode(text)

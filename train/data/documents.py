@@ -88,7 +88,7 @@ class Corpus:
             if self.kind == "shakespeare":
                 yield play_to_text(f.read_text(encoding="utf-8"))
             elif f.suffix in TEXT_SUFFIXES:
-                text = self._decode_lines(f, f.read_bytes().split(b"\n"))
+                text = self._decode_text(f)
                 if text.strip():
                     yield text
             elif f.suffix in JSONL_SUFFIXES:
@@ -96,13 +96,14 @@ class Corpus:
             else:
                 yield from _parquet_documents(f, self.text_field)
 
-    def _decode_lines(self, f: Path, lines: list[bytes]) -> str:
+    def _decode_text(self, f: Path) -> str:
+        data = f.read_bytes()
         try:
-            return b"\n".join(lines).decode("utf-8")
+            return data.decode("utf-8")
         except UnicodeDecodeError:
             pass
-        good = []
-        for line in lines:
+        good = []  # keep every decodable line, count the others
+        for line in data.split(b"\n"):
             try:
                 good.append(line.decode("utf-8"))
             except UnicodeDecodeError:

@@ -28,6 +28,7 @@ VERSION = 1
 INDEX = "index.json"
 DTYPES = ("uint16", "uint32")
 _GROUP_CHARS = 4 << 20  # characters tokenized per batch call
+_PIECE_CHARS = 1 << 18  # long documents are tokenized in pieces of about this many characters
 
 
 def token_dtype(n_vocab: int) -> str:
@@ -43,16 +44,41 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _groups(docs: Iterator[str]) -> Iterator[list[str]]:
-    group, size = [], 0
+def split_for_tokenizing(text: str, piece_chars: int) -> list[str]:
+    """Cut a long text into pieces that tokenize exactly like the whole (tiktoken's BPE regexes).
+
+    Cuts only between a letter and a following line break: in the GPT-2 / cl100k / o200k patterns a
+    run of letters always ends a pre-token there and the whitespace run starts the next one, so
+    per-piece encoding concatenates to the whole text's encoding (long documents then use all
+    tokenizer threads with bounded memory).
+    """
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        nl = text.find("\n", start + piece_chars)
+        while nl != -1 and not text[nl - 1].isalpha():
+            nl = text.find("\n", nl + 1)
+        if nl == -1:
+            break
+        pieces.append(text[start:nl])
+        start = nl
+    pieces.append(text[start:])
+    return pieces
+
+
+def _groups(docs: Iterator[str], splittable: bool) -> Iterator[tuple[list[str], list[bool]]]:
+    """Batches of texts for one tokenizer call, with a flag per text: does it end a document."""
+    group, ends, size = [], [], 0
     for d in docs:
-        group.append(d)
-        size += len(d)
-        if size >= _GROUP_CHARS:
-            yield group
-            group, size = [], 0
+        pieces = split_for_tokenizing(d, _PIECE_CHARS) if splittable else [d]
+        for k, piece in enumerate(pieces):
+            group.append(piece)
+            ends.append(k == len(pieces) - 1)
+            size += len(piece)
+            if size >= _GROUP_CHARS:
+                yield group, ends
+                group, ends, size = [], [], 0
     if group:
-        yield group
+        yield group, ends
 
 
 def _write_split(out: Path, split: str, docs: Iterator[str], tok: Tokenizer, dtype: str,
@@ -95,15 +121,19 @@ def _write_split(out: Path, split: str, docs: Iterator[str], tok: Tokenizer, dty
                 continue
             yield d
 
-    for group in _groups(pending()):
-        for ids in tok.encode_batch(group, num_threads=num_threads):
+    splittable = getattr(tok, "splits_at_lines", False)
+    for group, ends in _groups(pending(), splittable):
+        for ids, end in zip(tok.encode_batch(group, num_threads=num_threads), ends):
             arr = np.asarray(ids, dtype=dtype)
-            buf.extend((arr, eot))
-            buf_len += len(arr) + 1
-            doc_i += 1
-            bar.update(len(arr) + 1)
-            if buf_len >= shard_tokens:
-                flush()
+            buf.append(arr)
+            buf_len += len(arr)
+            bar.update(len(arr))
+            if end:  # documents stay whole within a shard, each followed by EOT
+                buf.append(eot)
+                buf_len += 1
+                doc_i += 1
+                if buf_len >= shard_tokens:
+                    flush()
     if buf_len:
         flush()
     bar.close()

@@ -57,6 +57,11 @@ class Tokenizer:
             return self._backend.decode(tokens)
         return self._backend.decode(tokens, skip_special_tokens=False)
 
+    @property
+    def splits_at_lines(self) -> bool:
+        """True when a text may be encoded in pieces cut at safe line breaks (see shards.py)."""
+        return self._kind == "tiktoken"
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """Identifies the exact vocabulary, for cache keys and token-shard headers."""
