@@ -4,9 +4,10 @@ Unlike the indexed sources, a stream has no global sample index: the documents a
 (rank, worker) pairs with `datasets.distributed.split_dataset_by_node` (whole shards when their number
 divides dp_size * num_workers, else every (dp_size * num_workers)-th record), and each pair packs its
 own documents. The sample order therefore depends on dp_size and num_workers, and a resume must keep
-both (it fast-forwards each worker by re-reading its part of the stream; cost grows with the
-position). Train loops over the stream forever (reshuffled per epoch when data.shuffle); val cycles too,
-so ranks never run out at different times: evaluate a fixed number of batches.
+both. The state holds, per worker share, the epoch, the records read and the tokens not yet packed:
+a resume re-reads (without tokenizing) the records before that point, in the same seeded order.
+Train loops over the stream forever (reshuffled per epoch when data.shuffle); val cycles too, so
+ranks never run out at different times: evaluate a fixed number of batches.
 """
 
 from __future__ import annotations
@@ -96,15 +97,19 @@ def hf_documents(cfg: DataConfig, split: str, seed: int = 0) -> Iterator[str]:
 
 
 class _PackedStream(IterableDataset):
-    """Documents of one (rank, worker) share -> EOT-separated tokens -> (x, y) micro-batches."""
+    """Documents of one (rank, worker) share -> EOT-separated tokens -> (x, y, position) micro-batches.
+
+    The position after each micro-batch (epoch, records read in the epoch, tokens read but not yet
+    packed) travels with it, so the main process always holds the exact resume point of every share.
+    """
 
     def __init__(self, ds, tok: Tokenizer, text_field: str, seq_len: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, endless: bool, skip: list[int], rotate: int) -> None:
+                 dp_rank: int, dp_size: int, resume: list[dict | None], rotate: int) -> None:
         self.ds, self.tok, self.text_field = ds, tok, text_field
         self.seq_len, self.B, self.rank, self.world = seq_len, micro_batch_size, dp_rank, dp_size
-        self.endless, self.skip, self.rotate = endless, skip, rotate
+        self.resume, self.rotate = resume, rotate
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         from datasets.distributed import split_dataset_by_node
 
         info = get_worker_info()
@@ -112,39 +117,45 @@ class _PackedStream(IterableDataset):
         # the DataLoader polls worker 0 first: on resume, worker 0 takes the share whose turn is next
         w = (w + self.rotate) % nw
         part = split_dataset_by_node(self.ds, rank=self.rank * nw + w, world_size=self.world * nw)
-        T, to_skip, epoch = self.seq_len, self.skip[w], 0
-        buf: list[int] = []
+        T, eot, st = self.seq_len, self.tok.eot_token, self.resume[w]
+        epoch, skip = (st["epoch"], st["records"]) if st else (0, 0)
+        buf: list[int] = list(st["buf"]) if st else []
         rows: list[list[int]] = []
         while True:
             part.set_epoch(epoch)
-            n_docs = 0
+            n = 0  # records read in this epoch (the resume point counts records, not tokens)
             # .iter() rather than iter(): datasets would re-split by torch worker a second time
             for batch in part.iter(batch_size=64):
-                texts = [t for t in batch[self.text_field] if isinstance(t, str) and t]
-                n_docs += len(texts)
-                for ids in self.tok.encode_batch(texts):
+                recs = batch[self.text_field]
+                first, n = n, n + len(recs)
+                if n <= skip:  # already packed before the resume point: read, not tokenized
+                    continue
+                recs = recs[max(0, skip - first):]
+                texts = [t if isinstance(t, str) else "" for t in recs]
+                for k, ids in enumerate(self.tok.encode_batch(texts)):
+                    if not texts[k]:
+                        continue
                     buf.extend(ids)
-                    buf.append(self.tok.eot_token)
+                    buf.append(eot)
                     while len(buf) >= T + 1:
                         rows.append(buf[:T + 1])
                         del buf[:T]  # stride T: a window's last target is the next window's first input
                         if len(rows) == self.B:
-                            if to_skip:
-                                to_skip -= 1
-                            else:
-                                w_ = torch.tensor(rows, dtype=torch.long)  # [B, T+1]
-                                yield w_[:, :-1].contiguous(), w_[:, 1:].contiguous()
+                            win = torch.tensor(rows, dtype=torch.long)  # [B, T+1]
+                            pos = {"share": w, "epoch": epoch, "records": n - len(recs) + k + 1, "buf": list(buf)}
+                            yield win[:, :-1].contiguous(), win[:, 1:].contiguous(), pos
                             rows = []
-            if n_docs == 0:
+            if n == 0:
                 raise DataError(f"hf stream: rank {self.rank} worker {w} got no documents (the stream has fewer "
                                 f"records than dp_size * num_workers = {self.world * nw})")
-            epoch += 1
-            if not self.endless:
-                return
+            epoch, skip = epoch + 1, 0
 
 
 class HFStreamLoader:
-    """Loader of `data.source=hf`; same iteration / state interface as the indexed loader."""
+    """Loader of `data.source=hf`; same iteration / state interface as the indexed loader.
+
+    train and val both loop over their stream forever; val restarts at every `iter()`.
+    """
 
     def __init__(self, cfg: DataConfig, tok: Tokenizer, split: str, seq_len: int, micro_batch_size: int,
                  grad_accum: int, dp_rank: int, dp_size: int, seed: int) -> None:
@@ -152,36 +163,38 @@ class HFStreamLoader:
         self.seq_len, self.micro_batch_size, self.grad_accum = seq_len, micro_batch_size, grad_accum
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, cfg.num_workers
         self.ds = hf_records(cfg, split, seed)  # validates name / path / field before any worker starts
-        self._micro = 0  # micro-batches this rank yielded
+        self._reset()
 
-    def _skips(self) -> list[int]:
-        # workers are read round-robin: worker w produced micro-batches w, w + nw, w + 2 nw, ...
-        nw = max(1, self.num_workers)
-        return [len(range(w, self._micro, nw)) for w in range(nw)]
+    def _reset(self) -> None:
+        self._micro = 0  # micro-batches this rank yielded
+        self._shares: list[dict | None] = [None] * max(1, self.num_workers)  # position of each worker's share
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.split == "val":
-            self._micro = 0
+            self._reset()
         stream = _PackedStream(self.ds, self.tok, self.cfg.text_field, self.seq_len, self.micro_batch_size,
-                               self.dp_rank, self.dp_size, endless=True, skip=self._skips(),
-                               rotate=self._micro % max(1, self.num_workers))
+                               self.dp_rank, self.dp_size, resume=list(self._shares),
+                               rotate=self._micro % len(self._shares))
         # an own generator: creating the workers never draws from torch's global RNG
         gen = torch.Generator().manual_seed(self.seed)
-        for xy in DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=gen):
+        for x, y, pos in DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=gen):
             self._micro += 1
-            yield xy
+            self._shares[pos["share"]] = pos
+            yield x, y
 
     def state_dict(self) -> dict:
-        return {"version": 1, "kind": "hf", "split": self.split, "micro_yielded": self._micro,
+        return {"version": 2, "kind": "hf", "split": self.split, "micro_yielded": self._micro,
+                "shares": [dict(p) if p else None for p in self._shares],
                 "dp_size": self.dp_size, "num_workers": self.num_workers, "seq_len": self.seq_len,
                 "micro_batch_size": self.micro_batch_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("kind") != "hf":
-            raise DataError("data-loader state is not an hf-stream state")
+        if not isinstance(state, dict) or state.get("kind") != "hf" or state.get("version") != 2:
+            raise DataError("data-loader state is not an hf-stream state of version 2")
         mine = {k: getattr(self, k) for k in ("dp_size", "num_workers", "seq_len", "micro_batch_size", "seed")}
         theirs = {k: state.get(k) for k in mine}
         if mine != theirs:
             raise DataError(f"an hf-stream position resumes only with the same {sorted(mine)}: "
                             f"saved {theirs}, now {mine}")
         self._micro = int(state["micro_yielded"])
+        self._shares = [dict(p) if p else None for p in state["shares"]]
