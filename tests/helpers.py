@@ -215,6 +215,28 @@ def wandb_history(path: str | Path) -> list[dict]:
     return rows
 
 
+def wandb_record_types(path: str | Path) -> list[str]:
+    from wandb.proto import wandb_internal_pb2
+
+    kinds = []
+    for payload in wandb_records(path):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(payload)
+        kinds.append(rec.WhichOneof("record_type"))
+    return kinds
+
+
+def wait_for_wandb_exit(path: str | Path, timeout: float = 60.0) -> None:
+    """W&B's service may still be appending to the log after ``run.finish()`` returns: wait for its
+    final ``exit`` record."""
+    import time
+
+    deadline = time.time() + timeout
+    while "exit" not in wandb_record_types(path):
+        assert time.time() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.25)
+
+
 def find_wandb_file(run_dir: str | Path) -> Path:
     found = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert found, f"no offline W&B run under {run_dir}/wandb"

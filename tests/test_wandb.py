@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from helpers import TINY, find_wandb_file, read_metrics, train_in_process, wandb_history
+from helpers import TINY, find_wandb_file, read_metrics, train_in_process, wait_for_wandb_exit, wandb_history
 
 
 @pytest.mark.slow
@@ -18,6 +18,7 @@ def test_offline_run_holds_the_logged_metrics(tmp_path, monkeypatch):
                                      "train.eval_every=3", "train.eval_steps=1", "train.sample_tokens=8",
                                      "logger=wandb", "logger.wandb.mode=offline", "logger.wandb.project=lmforge-test")
     assert code == 0
+    wait_for_wandb_exit(find_wandb_file(run_dir))
     history = wandb_history(find_wandb_file(run_dir))
     jsonl = read_metrics(run_dir)
     train = {e["step"]: e for e in jsonl if "loss" in e}
