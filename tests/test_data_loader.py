@@ -195,3 +195,25 @@ def test_dtype_uint32_for_large_vocab(tmp_path):
     store = TokenStore(tmp_path, "train")
     assert token_dtype(256_000) == "uint32" and store.dtype == np.uint32
     assert store.read(0, 6).tolist() == [70_002, 3, 255_999, 70_003, 3, 255_999]
+
+
+def _rank_build(args):
+    path, cache, rank = args
+    from train.data import DataConfig, build_dataloader, get_tokenizer
+
+    cfg = DataConfig(source="text", path=path, cache_dir=cache, val_fraction=0.1)
+    ld = build_dataloader(cfg, get_tokenizer("gpt2"), "train", T, 2, 1, rank, 2, seed=0)
+    x, _ = next(iter(ld))
+    return str(ld.store.root), x.tolist()
+
+
+def test_ranks_build_the_cache_concurrently(corpus, tmp_path):
+    """Two real processes (as two ranks of a node) tokenize into one cache entry without clobbering."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        (root0, x0), (root1, x1) = pool.map(_rank_build, [(str(corpus), str(tmp_path), r) for r in range(2)])
+    assert root0 == root1
+    assert [p.name for p in (tmp_path / "tokens").iterdir() if p.is_dir()] == [Path(root0).name]
+    assert not list(Path(root0).glob("*.tmp*"))
+    assert not {tuple(r) for r in x0} & {tuple(r) for r in x1}  # disjoint ranks
