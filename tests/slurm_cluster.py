@@ -437,3 +437,14 @@ def zero3_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float
     got = losses_by_step(run_dir)
     assert sorted(got) == list(range(1, 9)), got
     return got
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Losses of ``launch/torchrun.sh`` (DDP, 2 CPU ranks, one node) on JOB_CFG, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("ref") / "ddp"
+    proc = run_launch_script("torchrun.sh", run_dir, *JOB_CFG, "strategy=ddp", nproc=2)
+    assert proc.returncode == 0, f"launch/torchrun.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    got = losses_by_step(run_dir)
+    assert sorted(got) == list(range(1, 9)), got
+    return got

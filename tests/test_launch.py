@@ -1,0 +1,248 @@
+"""Launch scripts and the bad-input table, all through the command line a user types.
+
+Bad inputs: every case is a single 'error:' line naming the bad value, a non-zero exit, and nothing
+created or overwritten (a fresh run dir is not left behind; an existing checkpoint is unchanged)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import JOB_CFG, LAUNCH, REPO, launch_env
+
+SLURM = LAUNCH / "slurm"
+HAS_ZERO3 = (REPO / "train" / "strategy" / "deepspeed.py").is_file()
+
+
+# ---------------------------------------------------------------- the Falcon-40B examples
+
+
+def _sbatch_parts(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """(#SBATCH options, Hydra override lines, other code lines) of an sbatch script."""
+    opts, overrides, code = {}, [], []
+    lines = path.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#SBATCH"):
+            key, _, val = line.split()[1].partition("=")
+            opts[key] = val
+        elif line.startswith("set -- "):  # the overrides: one statement, maybe continued with '\'
+            while lines[i].endswith("\\"):
+                overrides.append(lines[i])
+                i += 1
+            overrides.append(lines[i])
+        elif line.strip() and not line.lstrip().startswith("#"):
+            code.append(line)
+        i += 1
+    return opts, overrides, code
+
+
+@pytest.mark.parametrize("example,generic", [("falcon-40b-fsdp.sbatch", "torchrun.sbatch"),
+                                             ("falcon-40b-zero3.sbatch", "deepspeed.sbatch")])
+def test_falcon_examples_are_the_tested_scripts_but_counts_and_overrides(example, generic):
+    ex_opts, ex_over, ex_code = _sbatch_parts(SLURM / example)
+    gen_opts, gen_over, gen_code = _sbatch_parts(SLURM / generic)
+    assert ex_code == gen_code, "the example's code differs from the script the tests run"
+    assert gen_over == [] and ex_over, "only the example adds Hydra overrides"
+    # the same options; only counts / names / times differ, plus the GPUs the example asks for
+    assert set(ex_opts) - set(gen_opts) == {"--gpus-per-node", "--time"}
+    assert set(gen_opts) <= set(ex_opts)
+    for key in gen_opts:
+        if key not in ("--nodes", "--job-name", "--signal"):
+            assert ex_opts[key] == gen_opts[key], key
+    assert ex_opts["--nodes"] == "8" and ex_opts["--gpus-per-node"] == "8"
+
+
+@pytest.mark.parametrize("example", ["falcon-40b-fsdp.sbatch", "falcon-40b-zero3.sbatch"])
+def test_falcon_example_overrides_compose(example):
+    """The example's overrides are a valid config (composed and type-checked, not run)."""
+    import shlex
+
+    from helpers import compose
+
+    _, over, _ = _sbatch_parts(SLURM / example)
+    words = shlex.split(" ".join(line.rstrip("\\") for line in over))
+    assert words[:2] == ["set", "--"] and words[-1] == "$@"
+    cfg = compose(*words[2:-1])
+    assert cfg.model.preset == "falcon-40b" and cfg.precision.name == "bf16"
+    assert cfg.train.activation_checkpointing == "full"
+    if "fsdp" in example:
+        assert cfg.strategy.name == "fsdp" and cfg.strategy.replicate_degree == 8
+    else:
+        assert cfg.strategy.name == "zero3"
+
+
+# ---------------------------------------------------------------- the bad-input table
+
+def _digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-step single-process run with a checkpoint (the resume source of the table)."""
+    run_dir = tmp_path_factory.mktemp("good") / "run"
+    res = subprocess.run([sys.executable, "-m", "train", f"run.dir={run_dir}", *JOB_CFG, "train.max_steps=2"],
+                         cwd=REPO, env={**os.environ, **launch_env(1)}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "step_0000002" / "meta.json").is_file()
+    return run_dir
+
+
+def _ckpt_copy(good_run: Path, tmp: Path, damage: str) -> Path:
+    dst = tmp / "src"
+    shutil.copytree(good_run, dst)
+    ck = dst / "checkpoints" / "step_0000002"
+    if damage == "truncated":
+        data = (ck / "model.pt").read_bytes()
+        (ck / "model.pt").write_bytes(data[: len(data) // 3])
+    elif damage == "garbage":
+        (ck / "meta.json").write_text("}{ not json")
+    return ck
+
+
+# (id, overrides, env, what the one-line error must contain); {tmp}/{ckpt}/{good} are filled in per case
+CASES = [
+    # config
+    ("unknown-preset", ["model=gpt2-huge"], {}, "gpt2-huge"),
+    ("unknown-strategy", ["strategy=zero9"], {}, "zero9"),
+    ("unknown-precision", ["precision=fp8"], {}, "fp8"),
+    ("typo-key", ["train.max_step=5"], {}, "max_step"),
+    ("wrong-type", ["train.max_steps=ten"], {}, "ten"),
+    ("negative-lr", ["optim.lr=-0.1"], {}, "optim.lr"),
+    ("seq-len-over-block-size", ["train.seq_len=4096"], {}, "4096"),
+    ("zero-micro-batch", ["train.micro_batch_size=0"], {}, "micro_batch_size"),
+    ("bad-resume-keyword", ["resume=sometimes"], {}, "sometimes"),
+    # data
+    ("missing-data-path", ["data=text", "data.path={tmp}/nope.txt"], {}, "nope.txt"),
+    ("empty-data-file", ["data=text", "data.path={tmp}/empty.txt"], {}, "empty.txt"),
+    ("wrong-text-field", ["data=text", "data.path={tmp}/rows.jsonl", "data.text_field=body"], {}, "body"),
+    ("non-utf8-text", ["data=text", "data.path={tmp}/latin1.txt"], {}, "latin1.txt"),
+    # checkpoints
+    ("missing-checkpoint", ["resume={tmp}/no_such_ckpt"], {}, "no_such_ckpt"),
+    ("truncated-checkpoint", ["resume={ckpt:truncated}"], {}, "step_0000002"),
+    ("garbage-checkpoint", ["resume={ckpt:garbage}"], {}, "meta.json"),
+    ("wrong-model-shape", ["resume={ckpt:ok}", "model.n_embd=64"], {}, "n_embd"),
+    ("other-strategy-checkpoint", ["resume={ckpt:ok}", "strategy=fsdp"], {}, "fsdp"),
+    ("existing-run-dir-resume-none", ["resume=none", "run.dir={good}"], {}, "already holds checkpoints"),
+    # environment
+    ("ddp-without-world-size", ["strategy=ddp"], {}, "WORLD_SIZE"),
+    ("fp16-on-cpu", ["precision=fp16"], {}, "fp16"),
+    ("zero3-without-deepspeed", ["strategy=zero3"], {"PYTHONPATH": "{tmp}/no_deepspeed"}, "deepspeed"),
+    ("more-ranks-than-samples", ["data=text", "data.path={tmp}/tiny.txt"], {"WORLD_SIZE": "64", "RANK": "0"},
+     "64"),
+]
+# known gaps in the trainer's checks, reported to its owner; strict: the test fails once fixed
+XFAIL: dict[str, str] = {}
+
+
+def _fill(value: str, tmp: Path, good_run: Path) -> str:
+    def ckpt(m: re.Match) -> str:
+        return str(_ckpt_copy(good_run, tmp, m.group(1)))
+
+    value = re.sub(r"\{ckpt:(\w+)\}", ckpt, value)
+    return value.replace("{tmp}", str(tmp)).replace("{good}", str(good_run))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,overrides,env,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_error_and_changes_nothing(case, overrides, env, needle, good_run, tmp_path,
+                                                         request):
+    if case in XFAIL:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL[case]))
+    if case == "zero3-without-deepspeed":
+        # a deepspeed that cannot be imported shadows the installed one
+        fake = tmp_path / "no_deepspeed" / "deepspeed"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text("raise ImportError('deepspeed is not installed')\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "rows.jsonl").write_text('{"text": "to be or not to be"}\n{"text": "that is the question"}\n')
+    (tmp_path / "latin1.txt").write_bytes("Sh\u00e4kespeare \u00e9crit\n".encode("latin-1") * 50)
+    (tmp_path / "tiny.txt").write_text("To be, or not to be, that is the question.\n" * 8)
+    good_before = _digest(good_run)
+
+    args = [_fill(a, tmp_path, good_run) for a in overrides]
+    run_dir = tmp_path / "new_run"
+    if not any(a.startswith("run.dir=") for a in args):
+        args.insert(0, f"run.dir={run_dir}")
+    full_env = {**os.environ, **launch_env(1)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(k, None)
+    full_env.update({k: _fill(v, tmp_path, good_run) for k, v in env.items()})
+    if "PYTHONPATH" in env:
+        full_env["PYTHONPATH"] = full_env["PYTHONPATH"] + os.pathsep + str(REPO)
+    res = subprocess.run([sys.executable, "-m", "train", *JOB_CFG, *args], cwd=tmp_path, env=full_env,
+                         capture_output=True, text=True, timeout=300)
+
+    assert res.returncode != 0, f"accepted bad input {args} {env}:\n{res.stdout[-1500:]}"
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, f"expected one 'error:' line, stderr was:\n{res.stderr[-3000:]}"
+    assert needle in errors[0], f"{errors[0]!r} does not name {needle!r}"
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert not run_dir.exists() or not any(run_dir.iterdir()), f"left {list(run_dir.iterdir())}"
+    assert _digest(good_run) == good_before, "the existing run was modified"
+
+
+# ---------------------------------------------------------------- launch scripts: bad environment
+
+SCRIPT_CASES = [
+    ("torchrun.sh", {"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE='two'"),
+    ("torchrun.sh", {"NNODES": "0"}, "NNODES='0'"),
+    ("torchrun.sh", {"NNODES": "2", "NODE_RANK": "0"}, "MASTER_ADDR"),
+    ("torchrun.sh", {"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1"}, "NODE_RANK='2'"),
+    ("torchrun.sh", {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "70000"},
+     "MASTER_PORT='70000'"),
+    ("deepspeed.sh", {"HOSTFILE": "/nonexistent/hostfile"}, "HOSTFILE='/nonexistent/hostfile' does not exist"),
+    ("deepspeed.sh", {"HOSTFILE": "{tmp}/bad_hostfile"}, "no 'host slots=N' line"),
+    ("deepspeed.sh", {"HOSTFILE": "{tmp}/two_hosts", "NODE_RANK": "0"}, "MASTER_ADDR"),
+    ("deepspeed.sh", {"NODE_RANK": "3"}, "NODE_RANK='3'"),
+]
+
+
+@pytest.mark.parametrize("script,env,needle", SCRIPT_CASES, ids=[f"{s}-{'-'.join(e)}" for s, e, _ in SCRIPT_CASES])
+def test_launch_script_bad_environment_is_one_line_error(script, env, needle, tmp_path):
+    (tmp_path / "bad_hostfile").write_text("node1 gpus=8\n")
+    (tmp_path / "two_hosts").write_text("node1 slots=1\nnode2 slots=1\n")
+    full = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+                                                            "HOSTFILE", "NPROC_PER_NODE")}
+    full.update({k: v.replace("{tmp}", str(tmp_path)) for k, v in env.items()})
+    res = subprocess.run(["bash", str(LAUNCH / script), f"run.dir={tmp_path}/run"], env=full, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_sbatch_scripts_refuse_to_run_outside_slurm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    res = subprocess.run(["bash", str(SLURM / "job.sh")], env={**env, "LMFORGE_ROOT": str(REPO)},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "inside a Slurm batch job" in res.stderr, res.stderr
+
+
+def test_nproc_per_node_defaults_to_gpus_present_else_one():
+    """The default rank count per node: NPROC_PER_NODE, else Slurm's GPUs on the node, else the
+    visible GPUs, else 1 (a CPU-only node)."""
+    def nproc(env: dict[str, str]) -> str:
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("NPROC_PER_NODE", "SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES")}
+        cmd = f"source {LAUNCH}/lib.sh && lmf_nproc_per_node"
+        return subprocess.run(["bash", "-c", cmd], env={**base, **env, "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    gpus = subprocess.run("nvidia-smi -L 2>/dev/null | grep -c '^GPU'", shell=True, capture_output=True,
+                          text=True).stdout.strip()
+    assert nproc({}) == (gpus if gpus not in ("", "0") else "1")
+    assert nproc({"CUDA_VISIBLE_DEVICES": "0,1,2"}) == "3"
+    assert nproc({"SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0"}) == "8"
+    assert nproc({"NPROC_PER_NODE": "4", "SLURM_GPUS_ON_NODE": "8"}) == "4"

@@ -1,0 +1,104 @@
+"""The shipped multi-node jobs on a real 2-node Slurm cluster on this machine.
+
+Two slurmd daemons (node1, node2), each in its own network namespace with its own hostname where
+`ip netns` works (see tests/slurm_cluster.py), so rendezvous and collectives cross a veth + bridge;
+one rank per node. Losses must equal a 2-rank single-node run of the same config (fp32, CPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import (JOB_CFG, LAUNCH, REPO, SlurmCluster, assert_same_losses, latest_checkpoint, launch_env,
+                           losses_by_step, run_launch_script, slurm_cluster_2n, train_steps, zero3_reference)
+
+pytestmark = pytest.mark.slow
+__all__ = ["slurm_cluster_2n", "zero3_reference"]  # fixtures used below
+
+HSDP = ("strategy=fsdp", "strategy.replicate_degree=2")
+HAS_ZERO3 = (REPO / "train" / "strategy" / "deepspeed.py").is_file()
+
+
+@pytest.fixture(scope="module")
+def hsdp_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """HSDP with 2 ranks on one node through launch/torchrun.sh."""
+    run_dir = tmp_path_factory.mktemp("ref") / "hsdp"
+    proc = run_launch_script("torchrun.sh", run_dir, *JOB_CFG, *HSDP, nproc=2)
+    assert proc.returncode == 0, f"launch/torchrun.sh failed:\n{proc.stderr[-4000:]}"
+    return losses_by_step(run_dir)
+
+
+def _output(job: int, cwd: Path) -> str:
+    out = cwd / f"slurm-{job}.out"
+    return out.read_text(errors="replace") if out.exists() else ""
+
+
+def _check_two_node_run(cluster: SlurmCluster, job: int, cwd: Path) -> Path:
+    state = cluster.wait_done(job, 400)
+    out = _output(job, cwd)
+    assert state == "COMPLETED", f"job {job} {state}:\n{out[-5000:]}"
+    info = cluster.job_info(job)
+    assert info["NumNodes"] == "2" and info["NodeList"] == "node[1-2]", info
+    assert "on 2 node(s) [node1 node2] x 1 rank(s)" in out
+    run_dir = cwd / "runs" / f"slurm-{job}"
+    meta = json.loads((latest_checkpoint(run_dir) / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 8, meta
+    return run_dir
+
+
+def test_hsdp_across_two_nodes_matches_single_node(slurm_cluster_2n, hsdp_reference, tmp_path):
+    """sbatch -N 2 launch/slurm/torchrun.sbatch strategy=fsdp strategy.replicate_degree=2: c10d
+    rendezvous across nodes, shards within a node, replicas across nodes."""
+    job = slurm_cluster_2n.sbatch(LAUNCH / "slurm" / "torchrun.sbatch", *JOB_CFG, *HSDP,
+                                  sbatch_args=("-N", "2"), cwd=tmp_path, env=launch_env(1))
+    run_dir = _check_two_node_run(slurm_cluster_2n, job, tmp_path)
+    assert_same_losses(losses_by_step(run_dir), hsdp_reference, 1e-5)
+
+
+@pytest.mark.skipif(not HAS_ZERO3, reason="strategy=zero3 (train/strategy/deepspeed.py) is not in this build yet")
+def test_zero3_across_two_nodes_matches_single_node(slurm_cluster_2n, zero3_reference, tmp_path):
+    """sbatch -N 2 launch/slurm/deepspeed.sbatch strategy=zero3: DeepSpeed's per-node launcher on each
+    node (started by srun, no ssh) with the hostfile written from the allocation."""
+    job = slurm_cluster_2n.sbatch(LAUNCH / "slurm" / "deepspeed.sbatch", *JOB_CFG, "strategy=zero3",
+                                  sbatch_args=("-N", "2"), cwd=tmp_path, env=launch_env(1))
+    run_dir = _check_two_node_run(slurm_cluster_2n, job, tmp_path)
+    assert (run_dir / "hostfile").read_text().split() == ["node1", "slots=1", "node2", "slots=1"]
+    assert_same_losses(losses_by_step(run_dir), zero3_reference, 1e-5)
+
+
+def test_lost_node_fails_naming_the_rank_then_requeued_job_resumes(slurm_cluster_2n, hsdp_reference, tmp_path):
+    """node2's slurmd and every process on it are killed mid-run: the job fails (no hang) with a
+    message naming the lost rank; once the node is back, the requeued job resumes from the latest
+    complete checkpoint and ends with the uninterrupted run's losses."""
+    cluster = slurm_cluster_2n
+    job = cluster.sbatch(LAUNCH / "slurm" / "torchrun.sbatch", *JOB_CFG, *HSDP, "strategy.timeout_s=30",
+                         sbatch_args=("-N", "2"), cwd=tmp_path, env=launch_env(1))
+    run_dir = tmp_path / "runs" / f"slurm-{job}"
+    end = time.monotonic() + 300
+    while latest_checkpoint(run_dir) is None or max(train_steps(run_dir), default=0) < 3:
+        assert time.monotonic() < end, f"no checkpoint in {run_dir}:\n{_output(job, tmp_path)[-4000:]}"
+        assert cluster.job_state(job) in ("PENDING", "CONFIGURING", "RUNNING"), _output(job, tmp_path)[-4000:]
+        time.sleep(0.2)
+    lost_at = time.monotonic()
+    cluster.stop_node("node2")
+    state = cluster.wait_state(job, {"FAILED", "NODE_FAIL", "PENDING", "REQUEUED", "REQUEUE_FED"}, 180)
+    failed_after = time.monotonic() - lost_at
+    out = _output(job, tmp_path)
+    # node2 ran global rank 1 (one rank per node, node 0 hosts the rendezvous)
+    assert re.search(r"rank 1\b", out), f"no message names the lost rank 1 (job {state}):\n{out[-5000:]}"
+    assert failed_after < 120, f"the job took {failed_after:.0f}s to notice the lost node"
+
+    cluster.start_node("node2")
+    cluster.wait_nodes_idle(120)
+    if cluster.job_state(job) in ("FAILED", "NODE_FAIL"):
+        cluster.requeue(job)
+    state = cluster.wait_done(job, 400)
+    out = _output(job, tmp_path)
+    assert state == "COMPLETED", f"requeued job {job} {state}:\n{out[-5000:]}"
+    resumed = re.findall(r"resumed from \S+/(step_\d+) at step (\d+)", out)
+    assert len(resumed) == 1 and int(resumed[0][1]) >= 2, out[-4000:]
+    assert_same_losses(losses_by_step(run_dir), hsdp_reference, 1e-5)
