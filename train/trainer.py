@@ -169,7 +169,7 @@ class Trainer:
         flops_per_token = _flops_per_token(self.strategy.gpt_config, t.seq_len)
         peak, peak_src = peak_flops(dist.device, self.strategy.precision.param_dtype)
         if dist.is_main:
-            log.info(f"MFU reference: {peak / 1e12:.1f} TFLOP/s per device ({peak_src}); "
+            log.info(f"MFU reference: {peak / 1e12:.3g} TFLOP/s per device ({peak_src}); "
                      f"{flops_per_token / 1e6:.2f} MFLOP/token; {self.tokens_per_step:,} tokens/step")
         self.signals.install()
         code, message = EXIT_OK, None
