@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_sharded import assert_losses_close, losses, session_run
+from test_sharded import assert_losses_close, losses
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

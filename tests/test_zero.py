@@ -148,13 +148,13 @@ def test_ds_config_generated_from_hydra_config(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(strategy__zero_stage=4), r"^strategy.zero_stage=4 is not one of 1, 2, 3$"),
-    (dict(strategy__zero_stage=2), r"^strategy.zero_stage=2 contradicts strategy=zero3; use strategy=zero2$"),
-    (dict(strategy__offload="disk"), r"^strategy.offload='disk' is not supported with ZeRO stage 3; allowed: none, "
-                                     r"optimizer, params$"),
-    (dict(strategy__name="zero2", strategy__zero_stage=2, strategy__offload="params"),
+    ({"strategy__zero_stage": 4}, r"^strategy.zero_stage=4 is not one of 1, 2, 3$"),
+    ({"strategy__zero_stage": 2}, r"^strategy.zero_stage=2 contradicts strategy=zero3; use strategy=zero2$"),
+    ({"strategy__offload": "disk"},
+     r"^strategy.offload='disk' is not supported with ZeRO stage 3; allowed: none, optimizer, params$"),
+    ({"strategy__name": "zero2", "strategy__zero_stage": 2, "strategy__offload": "params"},
      r"^strategy.offload='params' is not supported with ZeRO stage 2; allowed: none, optimizer \(params needs"),
-    (dict(train__compile=True), r"^train.compile=true is not supported with strategy=zero3"),
+    ({"train__compile": True}, r"^train.compile=true is not supported with strategy=zero3"),
 ])
 def test_ds_config_bad_values(overrides, message):
     from train.strategy.deepspeed import build_ds_config
@@ -174,6 +174,7 @@ def test_malformed_ds_config_json_is_one_line_error(tmp_path_factory, tmp_path):
                      check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert err == [f"error: strategy.ds_config={bad}: malformed JSON at line 2 column 36: "
-                   f"Expecting property name enclosed in double quotes"], proc.stderr[-2000:]
+    want = f"error: strategy.ds_config={bad}: malformed JSON at line 2 column 36: " \
+           f"Expecting property name enclosed in double quotes"
+    assert err == [want], proc.stderr[-2000:]
     assert not (run_dir / "metrics.jsonl").exists()

@@ -267,7 +267,11 @@ class DeepSpeedStrategy(Strategy):
         params = list(self.engine.module.parameters())
         compute = sum(_nbytes([p.ds_tensor]) if hasattr(p, "ds_tensor") else _nbytes([p]) for p in params)
         base = getattr(self.optimizer, "optimizer", self.optimizer)  # DeepSpeed wraps our AdamW
-        master = [p for g in base.param_groups for p in g["params"]]
+        # ZeRO-3 / ZeRO-1,2 keep the fp32 master partitions here (stage 3 detaches them from
+        # base.param_groups between steps)
+        master = (getattr(self.optimizer, "fp32_partitioned_groups_flat", None)
+                  or getattr(self.optimizer, "single_partition_of_fp32_groups", None)
+                  or [p for g in base.param_groups for p in g["params"]])
         moments = [v for s in base.state.values() for k, v in s.items() if k != "step"]
         return {"params": compute, "grads": _nbytes(p.grad for p in params if p.grad is not None),
                 "optimizer": _nbytes(moments), "master": _nbytes(master)}

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import ContextManager
 
 import torch
 import torch.distributed as dist
@@ -55,7 +55,7 @@ def ensure_process_group(device: torch.device, timeout_s: int) -> None:
     if dist.is_initialized():
         return
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    kwargs = dict(device_id=device) if device.type == "cuda" else {}
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
@@ -122,7 +122,7 @@ class FSDPStrategy(Strategy):
 
     # ------------------------------------------------------------ training
 
-    def no_sync(self, last: bool) -> ContextManager:
+    def no_sync(self, last: bool) -> AbstractContextManager:
         # non-last micro-steps keep unsharded gradients locally: one reduce-scatter per optimizer step
         assert isinstance(self.model, FSDPModule)
         self.model.set_requires_gradient_sync(last)
