@@ -15,9 +15,9 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -32,7 +32,7 @@ TINY: tuple[str, ...] = (
 )
 
 
-def train_env(extra: Optional[dict] = None, threads: int = 1) -> dict:
+def train_env(extra: dict | None = None, threads: int = 1) -> dict:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "WANDB_MODE": "offline",
                 "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -79,7 +79,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_command(run_dir: Optional[Path], overrides: Sequence[str], nproc: int = 1, module: str = "train",
+def train_command(run_dir: Path | None, overrides: Sequence[str], nproc: int = 1, module: str = "train",
                   multirun: bool = False) -> list[str]:
     if nproc > 1:
         cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
@@ -92,9 +92,9 @@ def train_command(run_dir: Optional[Path], overrides: Sequence[str], nproc: int 
     return cmd + list(overrides)
 
 
-def run_train(run_dir: Optional[str | Path], *overrides: str, nproc: int = 1, env: Optional[dict] = None,
-              timeout: float = 600, check: bool = True, threads: Optional[int] = None, multirun: bool = False,
-              cwd: Optional[Path] = None) -> RunResult:
+def run_train(run_dir: str | Path | None, *overrides: str, nproc: int = 1, env: dict | None = None,
+              timeout: float = 600, check: bool = True, threads: int | None = None, multirun: bool = False,
+              cwd: Path | None = None) -> RunResult:
     """Run ``python -m train`` (or torchrun with ``nproc`` ranks) as a subprocess and wait for it.
 
     ``check=True`` asserts exit code 0 and shows stdout/stderr on failure. Threads per rank default
@@ -103,15 +103,15 @@ def run_train(run_dir: Optional[str | Path], *overrides: str, nproc: int = 1, en
     cmd = train_command(run_dir, overrides, nproc=nproc, multirun=multirun)
     threads = threads if threads is not None else (2 if nproc == 1 else 1)
     proc = subprocess.run(cmd, cwd=cwd or REPO, env=train_env(env, threads), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
     res = RunResult(proc.returncode, proc.stdout, proc.stderr, run_dir, cmd)
     if check:
         assert proc.returncode == 0, res.explain()
     return res
 
 
-def start_train(run_dir: str | Path, *overrides: str, nproc: int = 1, env: Optional[dict] = None,
-                threads: Optional[int] = None) -> subprocess.Popen:
+def start_train(run_dir: str | Path, *overrides: str, nproc: int = 1, env: dict | None = None,
+                threads: int | None = None) -> subprocess.Popen:
     """Start the trainer without waiting (signal tests). stdout/stderr are pipes."""
     cmd = train_command(Path(run_dir), overrides, nproc=nproc)
     threads = threads if threads is not None else (2 if nproc == 1 else 1)

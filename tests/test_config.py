@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import TINY, compose, one_line_error, read_metrics, run_train, train_in_process
 
 

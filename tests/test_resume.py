@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY, losses_of, read_metrics, run_train, train_in_process
 
 COMMON = (*TINY, "model.dropout=0.1", "optim.decay_steps=20", "optim.warmup_steps=3", "train.ckpt_every=5",

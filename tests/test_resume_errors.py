@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY, compose, one_line_error, train_in_process
 
 BASE = (*TINY, "train.max_steps=2")

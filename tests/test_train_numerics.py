@@ -4,11 +4,11 @@ the learning-rate schedule and the optimizer's parameter groups."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
-
 from helpers import TINY, losses_of, read_metrics, train_in_process
 
 FP32 = (*TINY, "train.max_steps=8", "optim.warmup_steps=2")
@@ -147,7 +147,7 @@ def test_schedule_and_param_groups():
     assert lrs[10] == pytest.approx(1e-3)  # top of the cosine
     assert lrs[55] == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way down
     assert lrs[100] == lrs[119] == pytest.approx(1e-4)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))  # monotone decay
 
     m = GPT(GPTConfig.from_name("gpt2-tiny", n_layer=1, vocab_size=128))
     decay, no_decay = param_groups(m, 0.1)

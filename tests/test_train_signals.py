@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import TINY, losses_of, read_metrics, start_train, train_in_process
 
 LONG = (*TINY, "train.max_steps=100000", "train.ckpt_every=0")

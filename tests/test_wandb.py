@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-
 from helpers import TINY, find_wandb_file, read_metrics, train_in_process, wait_for_wandb_exit, wandb_history
 
 

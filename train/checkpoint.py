@@ -21,8 +21,9 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint ``latest`` names, or None when the run has none."""
     marker = checkpoints_dir(run_dir) / LATEST
     if not marker.is_file():
@@ -69,7 +70,7 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return path
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Optional[Path]:
+def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     """``auto``: this run dir's ``latest`` (None on a fresh run); ``none``: None; else a checkpoint
     dir (has meta.json) or a run dir (has checkpoints/latest)."""
     if resume == "none":
@@ -116,7 +117,7 @@ def torch_load(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint file {path} is missing")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, disallowed globals ...
+    except Exception as e:  # noqa: BLE001 - truncated zip, pickle garbage, disallowed globals ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint file {path} is truncated or not a checkpoint ({msg[:160]})") from None
 
@@ -202,7 +203,7 @@ def save_checkpoint(strategy, run_dir: str | Path, step: int, extra: Mapping[str
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
         tmp.mkdir()
     barrier()
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     try:
         strategy.save(tmp, dict(extra))
     except Exception as e:  # noqa: BLE001 - reported below, on every rank

@@ -8,7 +8,6 @@ CLI override > experiment YAML > group YAML > the dataclass defaults below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -24,30 +23,30 @@ class ModelConfig:
     """
 
     preset: str = "gpt2-tiny"
-    init_from: Optional[str] = None  # reserved: a Hugging Face checkpoint dir/name to start from
-    family: Optional[str] = None
-    n_layer: Optional[int] = None
-    n_head: Optional[int] = None
-    n_kv_head: Optional[int] = None
-    n_embd: Optional[int] = None
-    head_dim: Optional[int] = None
-    vocab_size: Optional[int] = None
-    block_size: Optional[int] = None
-    pos: Optional[str] = None
-    rope_theta: Optional[float] = None
-    norm: Optional[str] = None
-    norm_eps: Optional[float] = None
-    norm_offset: Optional[bool] = None
-    mlp: Optional[str] = None
-    gelu_approximate: Optional[str] = None
-    ffn_hidden: Optional[int] = None
-    parallel_residual: Optional[bool] = None
-    shared_attn_norm: Optional[bool] = None
-    bias: Optional[bool] = None
-    tie_embeddings: Optional[bool] = None
-    embed_scale: Optional[bool] = None
-    dropout: Optional[float] = None
-    init_std: Optional[float] = None
+    init_from: str | None = None  # reserved: a Hugging Face checkpoint dir/name to start from
+    family: str | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    n_embd: int | None = None
+    head_dim: int | None = None
+    vocab_size: int | None = None
+    block_size: int | None = None
+    pos: str | None = None
+    rope_theta: float | None = None
+    norm: str | None = None
+    norm_eps: float | None = None
+    norm_offset: bool | None = None
+    mlp: str | None = None
+    gelu_approximate: str | None = None
+    ffn_hidden: int | None = None
+    parallel_residual: bool | None = None
+    shared_attn_norm: bool | None = None
+    bias: bool | None = None
+    tie_embeddings: bool | None = None
+    embed_scale: bool | None = None
+    dropout: float | None = None
+    init_std: float | None = None
 
     def overrides(self) -> dict:
         """The GPTConfig fields set here (non-None), to apply on top of the preset."""
@@ -67,7 +66,7 @@ class StrategyConfig:
     replicate_degree: int = 1  # HSDP: replicas of the sharded group (1 = plain FSDP)
     # DeepSpeed
     zero_stage: int = 0
-    ds_config: Optional[str] = None  # path of a DeepSpeed JSON that overrides the generated one
+    ds_config: str | None = None  # path of a DeepSpeed JSON that overrides the generated one
     overlap_comm: bool = True
     prefetch_bucket_size: int = 50_000_000
     param_persistence_threshold: int = 100_000
@@ -77,7 +76,7 @@ class StrategyConfig:
     find_unused_parameters: bool = False
     bucket_cap_mb: int = 25
     # process group
-    backend: Optional[str] = None  # None: nccl (+gloo for CPU tensors) on CUDA, gloo on CPU
+    backend: str | None = None  # None: nccl (+gloo for CPU tensors) on CUDA, gloo on CPU
     timeout_s: int = 1800  # a collective hung longer than this ends the run with an error
 
 
@@ -98,22 +97,22 @@ class OptimConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4  # end of the cosine decay
     warmup_steps: int = 20  # linear warm-up from ~0 to lr
-    decay_steps: Optional[int] = None  # length of warm-up + cosine; None = train.max_steps
+    decay_steps: int | None = None  # length of warm-up + cosine; None = train.max_steps
     weight_decay: float = 0.1  # applied to >= 2-D weights only
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    fused: Optional[bool] = None  # None: fused AdamW where the device supports it (CUDA)
+    fused: bool | None = None  # None: fused AdamW where the device supports it (CUDA)
 
 
 @dataclass
 class WandbConfig:
     mode: str = "online"  # online | offline | disabled
     project: str = "lmforge"
-    entity: Optional[str] = None
-    name: Optional[str] = None  # run name; default: the run dir's name
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    entity: str | None = None
+    name: str | None = None  # run name; default: the run dir's name
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -141,11 +140,11 @@ class TrainConfig:
     sample_tokens: int = 64
     sample_prompt: str = "\n"
     sample_temperature: float = 0.8
-    sample_top_k: Optional[int] = 200
+    sample_top_k: int | None = 200
     max_nan_skips: int = 3  # consecutive non-finite steps skipped before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     # test hooks (fault injection): the loss of these steps becomes NaN
-    fault_nan_steps: List[int] = field(default_factory=list)
+    fault_nan_steps: list[int] = field(default_factory=list)
     trace_samples: bool = False  # each rank writes trace/rank<r>.jsonl with hashes of its samples
 
 

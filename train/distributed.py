@@ -10,14 +10,13 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 # rendezvous store shared by the run-dir broadcast (before Hydra) and init_process_group
-_STORE: Optional[dist.Store] = None
+_STORE: dist.Store | None = None
 
 
 @dataclass
@@ -27,7 +26,7 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -41,9 +40,9 @@ class DistInfo:
 def env_rank_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's variables, else Slurm's, else (0, 0, 1)."""
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        return (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+        return (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
     if "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ and "SLURM_NTASKS" in os.environ:
-        return (int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0)),
+        return (int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", "0")),
                 int(os.environ["SLURM_NTASKS"]))
     return 0, 0, 1
 
@@ -76,7 +75,7 @@ def shared_timestamp() -> float:
     return float(store.get(key).decode())
 
 
-def init_distributed(device: str = "auto", backend: Optional[str] = None, timeout_s: int = 1800) -> DistInfo:
+def init_distributed(device: str = "auto", backend: str | None = None, timeout_s: int = 1800) -> DistInfo:
     """Pick the device and, under a multi-process launcher, join the default process group.
 
     On CUDA the group is ``cuda:nccl,cpu:gloo`` so small CPU tensors (the stop flag) can be
@@ -99,8 +98,8 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None, timeou
     if world > 1 and not dist.is_initialized():
         if backend is None:
             backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
-        kwargs = dict(backend=backend, rank=rank, world_size=world,
-                      timeout=datetime.timedelta(seconds=timeout_s))
+        kwargs = {"backend": backend, "rank": rank, "world_size": world,
+                  "timeout": datetime.timedelta(seconds=timeout_s)}
         if dev.type == "cuda":
             kwargs["device_id"] = dev
         dist.init_process_group(store=_get_store(), **kwargs)

@@ -9,13 +9,11 @@ exit code 2, and a run dir that this invocation created is removed again.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -110,7 +108,7 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
     import torch
     import torch.distributed
 
-    from train.checkpoint import CheckpointError, list_checkpoints, resolve_resume
+    from train.checkpoint import list_checkpoints, resolve_resume
     from train.distributed import destroy_distributed, env_rank_info, init_distributed
 
     rank = env_rank_info()[0]
@@ -206,8 +204,8 @@ def _build_data(cfg: DictConfig, gpt_config, dist):
         raise ConfigError(f"the tokenizer {data_cfg.tokenizer!r} has {tok.n_vocab} tokens but model.vocab_size="
                           f"{gpt_config.vocab_size}; use a model with vocab_size >= {tok.n_vocab}")
     t = cfg.train
-    kw = dict(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, dp_rank=dist.rank, dp_size=dist.world_size,
-              seed=t.seed)
+    kw = {"seq_len": t.seq_len, "micro_batch_size": t.micro_batch_size, "dp_rank": dist.rank,
+          "dp_size": dist.world_size, "seed": t.seed}
     train_loader = build_dataloader(data_cfg, tok, split="train", grad_accum=t.grad_accum, **kw)
     val_loader = build_dataloader(data_cfg, tok, split="val", grad_accum=1, **kw) if t.eval_steps > 0 else None
     return train_loader, val_loader, tok
@@ -246,7 +244,7 @@ def _hydra_error_line(e: BaseException) -> str:
     return "; ".join(parts)
 
 
-def precheck(args: list[str]) -> Optional[str]:
+def precheck(args: list[str]) -> str | None:
     """Compose the config once with the CLI overrides (no run dir, no work) so a typo, a wrong
     type or an unknown group option is reported as one line. Flags (-m, --cfg, ...) and hydra.*
     overrides are left to Hydra itself."""

@@ -12,8 +12,9 @@ import math
 import os
 import resource
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -119,7 +120,7 @@ def plot_losses(events: list[dict], path: Path) -> None:
 class MetricsLogger:
     """Rank 0's sink for events: metrics.jsonl (one JSON object per line), loss.png, optional W&B."""
 
-    def __init__(self, run_dir: Path, cfg, *, resume_step: Optional[int], wandb_id: Optional[str]) -> None:
+    def __init__(self, run_dir: Path, cfg, *, resume_step: int | None, wandb_id: str | None) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         # a resumed run keeps the events up to its checkpoint and drops those the crashed run logged later
@@ -127,11 +128,11 @@ class MetricsLogger:
         tmp = self.path.with_name("metrics.jsonl.tmp")
         tmp.write_text("".join(json.dumps(e) + "\n" for e in self.events))
         os.replace(tmp, self.path)
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed in close()
         self.wandb = WandbLogger(cfg, self.run_dir, wandb_id) if cfg.logger.name == "wandb" else None
 
     @property
-    def wandb_id(self) -> Optional[str]:
+    def wandb_id(self) -> str | None:
         return self.wandb.run_id if self.wandb is not None else None
 
     def log(self, event: Mapping[str, Any]) -> None:
@@ -168,7 +169,7 @@ class WandbLogger:
     the same W&B run.
     """
 
-    def __init__(self, cfg, run_dir: Path, run_id: Optional[str]) -> None:
+    def __init__(self, cfg, run_dir: Path, run_id: str | None) -> None:
         import wandb
         from omegaconf import OmegaConf
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import ContextManager, Optional
 
 import torch
 
@@ -31,7 +31,7 @@ class Precision:
     grad_scaler: bool
 
     @classmethod
-    def from_config(cls, cfg, device: torch.device) -> "Precision":
+    def from_config(cls, cfg, device: torch.device) -> Precision:
         if cfg.name not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision={cfg.name!r} is not one of fp32, bf16, fp16")
         return cls(device_type=device.type, param_dtype=to_dtype(cfg.param_dtype),
@@ -44,5 +44,5 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.param_dtype)
 
-    def make_scaler(self) -> Optional[torch.amp.GradScaler]:
+    def make_scaler(self) -> torch.amp.GradScaler | None:
         return torch.amp.GradScaler(self.device_type) if self.grad_scaler else None

@@ -9,14 +9,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 
 @torch.no_grad()
 def generate_text(strategy, tok, prompt: str, max_new_tokens: int, *, temperature: float = 0.8,
-                  top_k: Optional[int] = 200, seed: int = 0) -> str:
+                  top_k: int | None = 200, seed: int = 0) -> str:
     """Sample ``max_new_tokens`` after ``prompt``. Collective: every rank calls it, rank 0 gets the text.
 
     Uses its own ``torch.Generator`` so sampling never moves the training RNG streams (exact resume).
@@ -64,7 +63,7 @@ def _find_checkpoint(path: Path) -> Path:
     return found
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint dir (step_NNNNNNN) or run dir (uses checkpoints/latest)")
     p.add_argument("--prompt", default="\n")

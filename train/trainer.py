@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -44,8 +44,8 @@ class SignalFlag:
     """SIGTERM / SIGUSR1 set a flag (handled at the next step boundary, not mid-step)."""
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self.received_at: Optional[float] = None
+        self.signum: int | None = None
+        self.received_at: float | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -65,16 +65,16 @@ class Trainer:
     def __init__(self, cfg, run_dir: Path, dist: DistInfo, strategy, tokenizer, train_loader, val_loader) -> None:
         self.cfg, self.run_dir, self.dist, self.strategy = cfg, Path(run_dir), dist, strategy
         self.tok, self.train_loader, self.val_loader = tokenizer, train_loader, val_loader
-        self.resumed_from: Optional[Path] = None
+        self.resumed_from: Path | None = None
         t = cfg.train
         self.tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * dist.world_size
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0  # training wall time of earlier (resumed) segments
         self.nan_skips = 0
-        self.wandb_id: Optional[str] = None
+        self.wandb_id: str | None = None
         self.signals = SignalFlag()
-        self.logger: Optional[MetricsLogger] = None
+        self.logger: MetricsLogger | None = None
         self._trace = None
 
     # ------------------------------------------------------------ state
@@ -152,7 +152,7 @@ class Trainer:
         """Test hook: which samples this rank saw (hash of each sequence)."""
         if self._trace is None:
             (self.run_dir / "trace").mkdir(exist_ok=True)
-            self._trace = open(self.run_dir / "trace" / f"rank{self.dist.rank}.jsonl", "a")
+            self._trace = open(self.run_dir / "trace" / f"rank{self.dist.rank}.jsonl", "a")  # noqa: SIM115
         hashes = [hashlib.sha1(row.cpu().numpy().tobytes()).hexdigest()[:16] for row in x]
         self._trace.write(json.dumps({"step": self.step + 1, "micro": micro, "samples": hashes}) + "\n")
         self._trace.flush()
@@ -192,15 +192,15 @@ class Trainer:
         return code
 
     def _loop(self, flops_per_token: float, peak: float) -> int:
-        cfg, t, dist, strategy = self.cfg, self.cfg.train, self.dist, self.strategy
+        t, dist, strategy = self.cfg.train, self.dist, self.strategy
         device = dist.device
-        nan_steps = set(int(s) for s in t.fault_nan_steps)
+        nan_steps = {int(s) for s in t.fault_nan_steps}
         it = iter(self.train_loader)
         self._t0 = time.perf_counter()
         t_log, tokens_log = self._t0, self.tokens
         loss_sum = torch.zeros((), device=device)  # summed step losses since the last log (on device)
         n_sum = 0
-        last_val: Optional[float] = None
+        last_val: float | None = None
         while self.step < t.max_steps:
             step_loss = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
@@ -243,12 +243,10 @@ class Trainer:
                 loss_sum.zero_()
                 n_sum = 0
                 t_log, tokens_log = time.perf_counter(), self.tokens
-            if (t.eval_every and self.step % t.eval_every == 0) or final:
-                if t.eval_steps > 0:
-                    last_val = self._log_eval()
-            if (t.sample_every and self.step % t.sample_every == 0) or final:
-                if t.sample_tokens > 0:
-                    self._log_sample()
+            if ((t.eval_every and self.step % t.eval_every == 0) or final) and t.eval_steps > 0:
+                last_val = self._log_eval()
+            if ((t.sample_every and self.step % t.sample_every == 0) or final) and t.sample_tokens > 0:
+                self._log_sample()
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or final or stop:
                 self.save()
             if stop:

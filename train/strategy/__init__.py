@@ -35,4 +35,4 @@ def build_strategy(cfg, dist: DistInfo) -> Strategy:
     return klass(cfg, dist)
 
 
-__all__ = ["Strategy", "SingleStrategy", "build_strategy", "STRATEGIES"]
+__all__ = ["STRATEGIES", "SingleStrategy", "Strategy", "build_strategy"]

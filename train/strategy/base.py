@@ -8,15 +8,15 @@ and the sharded strategies (fsdp.py, deepspeed.py) override the parts that diffe
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import Any, ContextManager, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.checkpoint import (CheckpointError, check_shapes, load_extra, save_extra, torch_load,
-                              write_meta)
+from train.checkpoint import CheckpointError, check_shapes, load_extra, save_extra, torch_load, write_meta
 from train.distributed import DistInfo
 from train.optim import build_optimizer, build_scheduler
 from train.parallelize import apply_ac, apply_compile
@@ -47,10 +47,10 @@ class Strategy:
         self.dist = dist
         self.device = dist.device
         self.precision = Precision.from_config(cfg.precision, dist.device)
-        self.model: Optional[nn.Module] = None
-        self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
-        self.scaler: Optional[torch.amp.GradScaler] = None
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.scaler: torch.amp.GradScaler | None = None
         self.gpt_config = None
 
     # ------------------------------------------------------------ construction
