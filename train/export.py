@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,7 +69,9 @@ def _load_dcp(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
     model.to_empty(device="cpu")  # fresh storage (tied weights stay tied)
     sd = model.state_dict()
     try:
-        dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         raise CheckpointError(f"checkpoint {ckpt}: DCP shards do not fit the model in meta.json ({msg})") from None
