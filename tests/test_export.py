@@ -56,26 +56,23 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path_factory, tmp_pat
     assert len(transformers.AutoTokenizer.from_pretrained(out)) == n_vocab
 
 
-def test_export_cli_errors(tmp_path_factory, tmp_path):
-    """One-line errors, exit 2, nothing written: non-empty out_dir, not a checkpoint."""
+def test_export_cli_errors(tmp_path_factory, tmp_path, capsys):
+    """One-line errors, exit 2, nothing written: non-empty out_dir, not a checkpoint. A run dir works
+    (its checkpoints/latest), through the real command line."""
+    from train.export import main
+
     src = ckpt(single_run(tmp_path_factory), 20)
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("precious")
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "train.export", *args], cwd=REPO, capture_output=True, text=True,
-                              check=False)
-
-    p = cli(str(src), str(busy))
-    assert p.returncode == 2 and p.stderr.strip() == f"error: out_dir {busy} exists and is not an empty directory; " \
-                                                     f"choose a new one", p.stderr
+    assert main([str(src), str(busy)]) == 2
+    assert capsys.readouterr().err == f"error: out_dir {busy} exists and is not an empty directory; choose a new one\n"
     assert sorted(x.name for x in busy.iterdir()) == ["keep.txt"]
-    p = cli(str(tmp_path), str(tmp_path / "new"))
-    assert p.returncode == 2 and p.stderr.strip().startswith(f"error: checkpoint {tmp_path}: neither a checkpoint dir"), \
-        p.stderr
+    assert main([str(tmp_path), str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {tmp_path}: neither a checkpoint dir") and err.count("\n") == 1, err
     assert not (tmp_path / "new").exists()
-    # a run dir works too (its checkpoints/latest), through the real CLI
-    p = cli(str(single_run(tmp_path_factory)), str(tmp_path / "ok"))
+    p = subprocess.run([sys.executable, "-m", "train.export", str(single_run(tmp_path_factory)), str(tmp_path / "ok")],
+                       cwd=REPO, capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "ok" / "model.safetensors").is_file() and "step 20" in p.stdout

@@ -177,4 +177,4 @@ def test_single_reference_learns(tmp_path_factory):
     """The oracle the fsdp/zero tests compare against is a real learning run (and has eval events)."""
     single_losses(tmp_path_factory)
     val = losses(single_run(tmp_path_factory), "val_loss")
-    assert sorted(val) == [10, 20]
+    assert {10, 20} <= set(val)

@@ -11,9 +11,10 @@ from test_sharded import assert_losses_close, ckpt, losses, session_run
 pytest.importorskip("deepspeed")
 
 # the recipe, scaled down only where a CPU needs it: depth, vocab (char tokenizer), sequence, precision
-MINI = ["+experiment=falcon-40b", "model=falcon-40b-mini", "model.n_layer=2", "model.vocab_size=96"]
-COMMON = ["precision=fp32", "train.seq_len=64", "train.max_steps=6", "train.grad_accum=1", "optim.warmup_steps=1",
-          "optim.lr=1e-3"]
+# (width 256 keeps falcon-40b-mini's 32 query / 2 KV heads: the same GQA grouping, head_dim 8)
+MINI = ["+experiment=falcon-40b", "model=falcon-40b-mini", "model.n_layer=2", "model.n_embd=256", "model.vocab_size=96"]
+COMMON = ["precision=fp32", "train.seq_len=32", "train.max_steps=6", "train.grad_accum=1", "optim.warmup_steps=1",
+          "optim.lr=1e-3", "train.eval_steps=1", "train.sample_tokens=0"]
 
 
 def test_falcon_40b_recipe_zero3_matches_single_process(tmp_path_factory):
