@@ -83,3 +83,20 @@ def test_signal_to_one_ddp_rank_stops_all_ranks_at_the_same_step(tmp_path):
     ckpt = run_dir / "checkpoints" / f"step_{last:07d}"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == ckpt.name
     assert sorted(p.name for p in ckpt.glob("extra_rank*.pt")) == ["extra_rank0.pt", "extra_rank1.pt"]
+
+
+@pytest.mark.slow
+def test_hung_peer_ends_with_an_error_naming_the_rank(tmp_path):
+    """strategy.timeout_s bounds every collective: rank 1 stalls, rank 0's all-reduce times out,
+    and each rank exits with code 4 and one line naming itself."""
+    from helpers import run_train
+
+    from train.main import EXIT_DIST
+
+    res = run_train(tmp_path / "run", *TINY, "strategy=ddp", "train.micro_batch_size=2", "train.max_steps=4",
+                    "strategy.timeout_s=5", "train.fault_stall_rank=1", nproc=2, check=False, timeout=300)
+    assert res.returncode != 0
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: rank ")]
+    assert any(ln.startswith("error: rank 0: a collective failed or timed out (strategy.timeout_s=5)")
+               for ln in errors), res.explain()
+    assert f"exitcode  : {EXIT_DIST}" in res.stderr

@@ -145,6 +145,7 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     # test hooks (fault injection): the loss of these steps becomes NaN
     fault_nan_steps: list[int] = field(default_factory=list)
+    fault_stall_rank: int | None = None  # this rank stalls at step 2 for 3 x strategy.timeout_s (+5 s)
     trace_samples: bool = False  # each rank writes trace/rank<r>.jsonl with hashes of its samples
 
 

@@ -161,9 +161,11 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
             log.info(f"run dir {run_dir} | model {cfg.model.preset} ({n_params / 1e6:.2f}M params) | strategy "
                      f"{strategy.name} x{dist.world_size} on {dist.device} | precision {cfg.precision.name}")
         return trainer.fit()
-    except torch.distributed.DistError as e:
-        print(f"error: rank {rank}: collective failed ({_one_line(e)}); strategy.timeout_s="
-              f"{cfg.strategy.timeout_s}", file=sys.stderr)
+    except RuntimeError as e:  # gloo/NCCL failures surface as DistError or plain RuntimeError
+        if dist is None or not dist.enabled or not _is_comm_error(e):
+            raise
+        print(f"error: rank {rank}: a collective failed or timed out (strategy.timeout_s="
+              f"{cfg.strategy.timeout_s}): {_one_line(e)}", file=sys.stderr)
         return EXIT_DIST
     finally:
         if dist is not None:
@@ -209,6 +211,16 @@ def _build_data(cfg: DictConfig, gpt_config, dist):
     train_loader = build_dataloader(data_cfg, tok, split="train", grad_accum=t.grad_accum, **kw)
     val_loader = build_dataloader(data_cfg, tok, split="val", grad_accum=1, **kw) if t.eval_steps > 0 else None
     return train_loader, val_loader, tok
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    import torch.distributed
+
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("gloo", "NCCL", "Timed out", "timed out", "Connection closed by peer",
+                                   "ProcessGroup", "Watchdog"))
 
 
 def _one_line(e: BaseException) -> str:

@@ -202,6 +202,8 @@ class Trainer:
         n_sum = 0
         last_val: float | None = None
         while self.step < t.max_steps:
+            if t.fault_stall_rank == dist.rank and self.step + 1 == 2:  # fault injection: a hung peer
+                time.sleep(3 * self.cfg.strategy.timeout_s + 5)
             step_loss = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
                 # the loader may draw from torch's global RNG (DataLoader base seed); keep that off the
