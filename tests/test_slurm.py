@@ -64,8 +64,8 @@ def test_torchrun_sbatch_requeued_job_resumes_with_torchrun_sh_losses(slurm_clus
 def test_deepspeed_sbatch_zero3_preempted_with_usr1_requeues_itself_and_matches(slurm_cluster, zero3_reference,
                                                                                   tmp_path):
     """sbatch launch/slurm/deepspeed.sbatch (ZeRO-3, 2 ranks) gets the pre-emption signal that
-    `--signal=B:USR1@<s>` delivers: the batch script forwards it, the trainer checkpoints and logs the
-    signal-to-exit time, the job requeues itself and resumes; losses equal launch/deepspeed.sh's."""
+    `--signal=B:USR1@<s>` delivers: the batch script forwards it, the trainer checkpoints, the job
+    requeues itself and resumes; losses equal launch/deepspeed.sh's."""
     job = slurm_cluster.sbatch(LAUNCH / "slurm" / "deepspeed.sbatch", *JOB_CFG, cwd=tmp_path, env=launch_env(2))
     run_dir = tmp_path / "runs" / f"slurm-{job}"
     _wait_for_step(run_dir, 3, 300, slurm_cluster, job)
@@ -74,7 +74,6 @@ def test_deepspeed_sbatch_zero3_preempted_with_usr1_requeues_itself_and_matches(
     out = _job_output(slurm_cluster, job, tmp_path)
     assert state == "COMPLETED", f"job {job} {state}:\n{out[-5000:]}"
     assert "SIGUSR1" in out and f"requeueing job {job}" in out, out[-4000:]
-    assert "from signal to exit" in out, out[-4000:]
     assert slurm_cluster.job_info(job).get("Restarts") == "1"
     resumed = re.findall(r"resumed from \S+/(step_\d+) at step (\d+)", out)
     assert len(resumed) == 1 and int(resumed[0][1]) >= 2, out[-4000:]

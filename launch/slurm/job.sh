@@ -79,9 +79,30 @@ srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$
      --kill-on-bad-exit=1 bash -c "$per_node" lmforge-node "${launcher[@]}" &
 srun_pid=$!
 
+# Name the nodes of this job that Slurm sees as down (or, with "probe", that refuse a job step),
+# with the training ranks they ran: node i runs ranks i*nproc .. (i+1)*nproc-1.
+lmf_report_lost_nodes() {
+  local i state first last ranks lost
+  for i in "${!nodes[@]}"; do
+    state="$(scontrol show node "${nodes[$i]}" -o 2>/dev/null | sed -n 's/.* State=\([^ ]*\).*/\1/p')"
+    lost=0
+    [[ "$state" =~ DOWN|NOT_RESPONDING|FAIL|\* ]] && lost=1
+    if (( ! lost )) && [[ "${1:-}" == probe ]]; then
+      timeout 30 srun --overlap --nodes=1 --ntasks=1 --nodelist="${nodes[$i]}" true >/dev/null 2>&1 || lost=1
+    fi
+    if (( lost )); then
+      first=$(( i * nproc )) last=$(( (i + 1) * nproc - 1 ))
+      ranks="rank $first"; (( last > first )) && ranks="ranks $first-$last"
+      echo "lmforge: error: lost node ${nodes[$i]} (node rank $i, training $ranks; Slurm state ${state:-unknown})" >&2
+    fi
+  done
+}
+
 preempted=0
 on_signal() {
   [[ "$1" == USR1 ]] && preempted=1
+  # a node failure ends the job with SIGTERM: say which node (and ranks) went away
+  [[ "$1" == TERM ]] && (( nnodes > 1 )) && lmf_report_lost_nodes
   echo "lmforge: SIG$1 at $(date -u +%FT%T.%3NZ): forwarding SIGTERM so the trainer checkpoints and exits"
   # every job step, not this batch shell
   scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || kill -TERM "$srun_pid" 2>/dev/null || true
@@ -96,6 +117,11 @@ while true; do
 done
 rm -f "$LMF_TRAIN_ARGS_FILE"
 echo "lmforge: training step ended with exit code $rc at $(date -u +%FT%T.%3NZ)"
+if (( rc != 0 && ! preempted && nnodes > 1 )); then
+  # A surviving rank only sees a broken connection: probe each node's slurmd with a trivial step
+  # (refused at once by a dead node) to name the lost node and its training ranks.
+  lmf_report_lost_nodes probe
+fi
 if (( preempted )); then
   echo "lmforge: requeueing job $SLURM_JOB_ID; it resumes from $run_dir/checkpoints"
   scontrol requeue "$SLURM_JOB_ID"
