@@ -46,7 +46,7 @@ def ensure_slurm() -> None:
         return
     if os.geteuid() != 0:
         pytest.skip("slurm-wlm is not installed and installing it needs root (launch/slurm/install-slurm.sh)")
-    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0 or not all(_which(b) for b in ("slurmctld", "slurmd", "sbatch")):
         reason = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
         pytest.skip(f"slurm-wlm could not be installed: {reason}")
@@ -62,9 +62,9 @@ def _netns_works() -> bool:
     if os.geteuid() != 0 or not _which("ip"):
         return False
     probe = f"lmfp{os.getpid() % 100000}"
-    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False).returncode == 0
     if ok:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return ok
 
 
@@ -191,9 +191,9 @@ class SlurmCluster:
 
     def _teardown_netns(self) -> None:
         for ns in self._ns.values():
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         for link in reversed(self._links):
-            subprocess.run(["ip", "link", "del", link], capture_output=True)
+            subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
 
     def _daemon_env(self, node: str | None) -> dict[str, str]:
         env = dict(self.env)
@@ -267,7 +267,7 @@ class SlurmCluster:
         cmd = [_which("sbatch"), "--parsable", *sbatch_args]
         cmd += ["--wrap", wrap] if wrap is not None else [str(script), *args]
         full_env = dict(self.env, **(env or {}))
-        proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, cwd=cwd, timeout=60)
+        proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, cwd=cwd, timeout=60, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])
@@ -346,7 +346,7 @@ def _cluster(tmp_path_factory: pytest.TempPathFactory, n_nodes: int, cpus: int) 
     cluster = SlurmCluster(root, n_nodes=n_nodes, cpus_per_node=cpus)
     try:
         cluster.start()
-    except Exception as e:  # noqa: BLE001 -- report the daemon logs with the failure
+    except Exception as e:
         cluster.stop()
         raise RuntimeError(f"could not start the slurm cluster: {e}\n{cluster.log()[-3000:]}") from e
     try:
@@ -396,7 +396,7 @@ def run_launch_script(script: str, run_dir: Path, *overrides: str, nproc: int = 
     if "MASTER_PORT" not in (env or {}):
         full["MASTER_PORT"] = str(free_port())
     return subprocess.run(["bash", str(LAUNCH / script), f"run.dir={run_dir}", *overrides], cwd=REPO, env=full,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import JOB_CFG, LAUNCH, REPO, launch_env
 
 SLURM = LAUNCH / "slurm"
@@ -92,7 +91,7 @@ def good_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 2-step single-process run with a checkpoint (the resume source of the table)."""
     run_dir = tmp_path_factory.mktemp("good") / "run"
     res = subprocess.run([sys.executable, "-m", "train", f"run.dir={run_dir}", *JOB_CFG, "train.max_steps=2"],
-                         cwd=REPO, env={**os.environ, **launch_env(1)}, capture_output=True, text=True, timeout=300)
+                         cwd=REPO, env={**os.environ, **launch_env(1)}, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (run_dir / "checkpoints" / "step_0000002" / "meta.json").is_file()
     return run_dir
@@ -159,49 +158,68 @@ def _fill(value: str, tmp: Path, good_run: Path) -> str:
     return value.replace("{tmp}", str(tmp)).replace("{good}", str(good_run))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case,overrides,env,needle", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_error_and_changes_nothing(case, overrides, env, needle, good_run, tmp_path,
-                                                         request):
-    if case in XFAIL:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL[case]))
+def _run_case(case: str, overrides: list[str], env: dict[str, str], tmp: Path, good_run: Path):
+    """Run one bad-input case through the CLI; returns (completed process, new run dir, nproc)."""
+    tmp.mkdir(parents=True)
     if case == "zero3-without-deepspeed":
         # a deepspeed that cannot be imported shadows the installed one
-        fake = tmp_path / "no_deepspeed" / "deepspeed"
+        fake = tmp / "no_deepspeed" / "deepspeed"
         fake.mkdir(parents=True)
         (fake / "__init__.py").write_text("raise ImportError('deepspeed is not installed')\n")
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "rows.jsonl").write_text('{"text": "to be or not to be"}\n{"text": "that is the question"}\n')
-    (tmp_path / "latin1.txt").write_bytes("Sh\u00e4kespeare \u00e9crit\n".encode("latin-1") * 50)
-    (tmp_path / "tiny.txt").write_text("To be, or not to be, that is the question.\n" * 8)
-    good_before = _digest(good_run)
+    (tmp / "empty.txt").write_text("")
+    (tmp / "rows.jsonl").write_text('{"text": "to be or not to be"}\n{"text": "that is the question"}\n')
+    (tmp / "latin1.txt").write_bytes("Sh\u00e4kespeare \u00e9crit\n".encode("latin-1") * 50)
+    (tmp / "tiny.txt").write_text("To be, or not to be, that is the question.\n" * 8)
 
-    args = [_fill(a, tmp_path, good_run) for a in overrides]
-    run_dir = tmp_path / "new_run"
+    args = [_fill(a, tmp, good_run) for a in overrides]
+    run_dir = tmp / "new_run"
     if not any(a.startswith("run.dir=") for a in args):
         args.insert(0, f"run.dir={run_dir}")
     full_env = {**os.environ, **launch_env(1)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(k, None)
-    full_env.update({k: _fill(v, tmp_path, good_run) for k, v in env.items()})
+    full_env.update({k: _fill(v, tmp, good_run) for k, v in env.items()})
     if "PYTHONPATH" in env:
         full_env["PYTHONPATH"] = full_env["PYTHONPATH"] + os.pathsep + str(REPO)
     nproc = int(full_env.pop("NPROC", "1"))
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    res = subprocess.run([*launcher, "-m", "train", *JOB_CFG, *args], cwd=tmp_path, env=full_env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run([*launcher, "-m", "train", *JOB_CFG, *args], cwd=tmp, env=full_env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    return res, run_dir, nproc
 
-    assert res.returncode != 0, f"accepted bad input {args} {env}:\n{res.stdout[-1500:]}"
+
+@pytest.fixture(scope="module")
+def bad_input_results(good_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every case of CASES, run concurrently (each is mostly interpreter start-up); the existing
+    run's file digests before and after all of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("bad")
+    before = _digest(good_run)
+    with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
+        futures = {case: pool.submit(_run_case, case, overrides, env, root / case, good_run)
+                   for case, overrides, env, _ in CASES}
+        results = {case: f.result() for case, f in futures.items()}
+    return {"results": results, "before": before, "after": _digest(good_run)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,overrides,env,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_error_and_changes_nothing(case, overrides, env, needle, bad_input_results, request):
+    if case in XFAIL:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL[case]))
+    res, run_dir, nproc = bad_input_results["results"][case]
+    assert res.returncode != 0, f"accepted bad input {overrides} {env}:\n{res.stdout[-1500:]}"
     # one line (the same line from each rank under torchrun, whose own failure report follows it)
-    errors = sorted(set(ln for ln in res.stderr.splitlines() if ln.startswith("error:")))
+    errors = sorted({ln for ln in res.stderr.splitlines() if ln.startswith("error:")})
     assert len(errors) == 1, f"expected one 'error:' line, stderr was:\n{res.stderr[-3000:]}"
     assert needle in errors[0], f"{errors[0]!r} does not name {needle!r}"
     if nproc == 1:
         assert "Traceback" not in res.stderr, res.stderr[-3000:]
     assert not run_dir.exists() or not any(run_dir.iterdir()), f"left {list(run_dir.iterdir())}"
-    assert _digest(good_run) == good_before, "the existing run was modified"
+    assert bad_input_results["after"] == bad_input_results["before"], "the existing run was modified"
 
 
 # ---------------------------------------------------------------- launch scripts: bad environment
@@ -228,7 +246,7 @@ def test_launch_script_bad_environment_is_one_line_error(script, env, needle, tm
                                                             "HOSTFILE", "NPROC_PER_NODE")}
     full.update({k: v.replace("{tmp}", str(tmp_path)) for k, v in env.items()})
     res = subprocess.run(["bash", str(LAUNCH / script), f"run.dir={tmp_path}/run"], env=full, capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, check=False)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], res.stderr
@@ -238,7 +256,7 @@ def test_launch_script_bad_environment_is_one_line_error(script, env, needle, tm
 def test_sbatch_scripts_refuse_to_run_outside_slurm(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     res = subprocess.run(["bash", str(SLURM / "job.sh")], env={**env, "LMFORGE_ROOT": str(REPO)},
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 2 and "inside a Slurm batch job" in res.stderr, res.stderr
 
 
@@ -253,7 +271,7 @@ def test_nproc_per_node_defaults_to_gpus_present_else_one():
                               capture_output=True, text=True, check=True).stdout.strip()
 
     gpus = subprocess.run("nvidia-smi -L 2>/dev/null | grep -c '^GPU'", shell=True, capture_output=True,
-                          text=True).stdout.strip()
+                          text=True, check=False).stdout.strip()
     assert nproc({}) == (gpus if gpus not in ("", "0") else "1")
     assert nproc({"CUDA_VISIBLE_DEVICES": "0,1,2"}) == "3"
     assert nproc({"SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0"}) == "8"

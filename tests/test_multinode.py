@@ -12,9 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
-
-from slurm_cluster import (JOB_CFG, LAUNCH, REPO, SlurmCluster, assert_same_losses, latest_checkpoint, launch_env,
-                           losses_by_step, run_launch_script, slurm_cluster_2n, train_steps, zero3_reference)
+from slurm_cluster import (
+    JOB_CFG,
+    LAUNCH,
+    REPO,
+    SlurmCluster,
+    assert_same_losses,
+    latest_checkpoint,
+    launch_env,
+    losses_by_step,
+    run_launch_script,
+    slurm_cluster_2n,
+    train_steps,
+    zero3_reference,
+)
 
 pytestmark = pytest.mark.slow
 __all__ = ["slurm_cluster_2n", "zero3_reference"]  # fixtures used below

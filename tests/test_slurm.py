@@ -10,12 +10,24 @@ import time
 from pathlib import Path
 
 import pytest
-
-from slurm_cluster import (JOB_CFG, LAUNCH, REPO, SlurmCluster, assert_same_losses, latest_checkpoint, launch_env,
-                           losses_by_step, metrics, slurm_cluster, train_steps, ddp_reference, zero3_reference)
+from slurm_cluster import (
+    JOB_CFG,
+    LAUNCH,
+    REPO,
+    SlurmCluster,
+    assert_same_losses,
+    ddp_reference,
+    latest_checkpoint,
+    launch_env,
+    losses_by_step,
+    metrics,
+    slurm_cluster,
+    train_steps,
+    zero3_reference,
+)
 
 pytestmark = pytest.mark.slow
-__all__ = ["slurm_cluster", "ddp_reference", "zero3_reference"]  # fixtures used below
+__all__ = ["ddp_reference", "slurm_cluster", "zero3_reference"]  # fixtures used below
 
 
 def _job_output(cluster: SlurmCluster, job: int, cwd: Path) -> str:
