@@ -174,3 +174,12 @@ def test_malformed_ds_config_json_is_one_line_error(tmp_path_factory, tmp_path):
            f"Expecting property name enclosed in double quotes"
     assert err == [want], proc.stderr[-2000:]
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_zero3_on_one_process_runs_as_world_size_1(tmp_path_factory):
+    """Plain `python -m train strategy=zero3` (no launcher): a 1-rank group, the single-process losses."""
+    run = session_run(tmp_path_factory, "zero3_world1",
+                      ["strategy=zero3", "train.max_steps=20", "train.micro_batch_size=4", "train.eval_steps=0",
+                       "train.sample_tokens=0", "train.ckpt_every=0"], nproc=1)
+    assert_losses_close(losses(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
+    assert json.loads((ckpt(run, 20) / "meta.json").read_text())["world_size"] == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,10 @@ class DeepSpeedStrategy(Strategy):
 
         self.gpt_config = gpt_config
         ensure_process_group(self.device, self.cfg.strategy.timeout_s)  # world size 1 needs a group too
+        # DeepSpeed reads these even when the group exists (plain `python -m train` sets none of them)
+        for key, value in (("RANK", self.dist.rank), ("LOCAL_RANK", self.dist.local_rank),
+                           ("WORLD_SIZE", self.dist.world_size)):
+            os.environ.setdefault(key, str(value))
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         torch.manual_seed(self.cfg.train.seed)
         if self.stage == 3:
