@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import TINY, losses_of, read_metrics, train_in_process
 
-FP32 = (*TINY, "train.max_steps=8", "optim.warmup_steps=2")
+FP32 = (*TINY, "train.max_steps=6", "optim.warmup_steps=2")
 
 
 def _losses(tmp_path, name: str, *over: str) -> list[float]:
@@ -113,7 +113,7 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
 
 
 def test_nan_steps_are_skipped_then_training_continues(tmp_path, caplog):
-    code, run_dir = train_in_process(tmp_path / "skip", *FP32, "train.fault_nan_steps=[3,4]",
+    code, run_dir = train_in_process(tmp_path / "skip", *FP32, "train.max_steps=8", "train.fault_nan_steps=[3,4]",
                                      "train.max_nan_skips=3")
     assert code == 0
     events = [e for e in read_metrics(run_dir) if "loss" in e]
@@ -128,7 +128,7 @@ def test_nan_steps_are_skipped_then_training_continues(tmp_path, caplog):
 
 
 def test_nan_run_stops_naming_step_and_checkpoint(tmp_path, capsys):
-    code, run_dir = train_in_process(tmp_path / "stop", *FP32, "train.fault_nan_steps=[5,6,7]",
+    code, run_dir = train_in_process(tmp_path / "stop", *FP32, "train.max_steps=8", "train.fault_nan_steps=[5,6,7]",
                                      "train.max_nan_skips=3", "train.ckpt_every=2")
     from train.trainer import EXIT_NAN
 
