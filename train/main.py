@@ -76,14 +76,36 @@ def build_gpt_config(cfg: DictConfig):
     from model import GPTConfig
 
     mc = OmegaConf.to_object(cfg.model)
-    if mc.init_from is not None:
-        raise ConfigError(f"model.init_from={mc.init_from!r}: starting from Hugging Face weights is not supported "
-                          f"by the trainer yet (use python -m train.export / GPT.from_pretrained)")
+    if mc.init_from is not None:  # the architecture is the Hugging Face checkpoint's (train/init_from.py)
+        from train.init_from import hf_gpt_config
+
+        gpt, model_dir = hf_gpt_config(mc, cfg.strategy.name)
+        cfg.model.init_from = str(model_dir)  # the strategy loads from here; config.yaml records it
+        _check(cfg.train.seq_len <= gpt.block_size,
+               f"train.seq_len={cfg.train.seq_len} exceeds block_size={gpt.block_size} of model.init_from="
+               f"{mc.init_from!r}; use train.seq_len<={gpt.block_size}")
+        return gpt
     gpt = GPTConfig.from_name(mc.preset, **mc.overrides())
     _check(cfg.train.seq_len <= gpt.block_size,
            f"train.seq_len={cfg.train.seq_len} exceeds the model's block_size={gpt.block_size} "
            f"(model={mc.preset}); use train.seq_len<={gpt.block_size} or model.block_size=...")
     return gpt
+
+
+def _tokenizer_name(cfg: DictConfig, gpt_config) -> str:
+    """``data.tokenizer``, or with ``model.init_from`` and no explicit choice the checkpoint's tokenizer
+    (written back to cfg so config.yaml, sample and export see the one used)."""
+    if cfg.model.init_from is None:
+        return cfg.data.tokenizer
+    from train.init_from import resolve_tokenizer
+
+    explicit = cfg.data.tokenizer != "gpt2"  # not the default; on the CLI even "gpt2" counts as a choice
+    if HydraConfig.initialized():
+        explicit = explicit or any(o.lstrip("+~").split("=", 1)[0] == "data.tokenizer"
+                                   for o in HydraConfig.get().overrides.task)
+    name = resolve_tokenizer(cfg.data.tokenizer, explicit, Path(cfg.model.init_from), gpt_config)
+    cfg.data.tokenizer = name
+    return name
 
 
 def _remove_new_run_dir(run_dir: Path, created: bool) -> None:
@@ -144,6 +166,8 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
             torch.use_deterministic_algorithms(True)
         try:
             strategy = build_strategy(cfg, dist)
+            if resume_from is not None:
+                strategy.init_from = None  # the checkpoint's weights replace the start: don't load them twice
             strategy.build(gpt_config)
             trainer = Trainer(cfg, run_dir, dist, strategy, tok, train_loader, val_loader)
             if resume_from is not None:  # now, so a bad checkpoint fails before config.yaml is touched
@@ -158,7 +182,8 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
             resolved["run"]["dir"] = str(run_dir)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
             n_params = sum(p.numel() for p in strategy.raw_model.parameters())
-            log.info(f"run dir {run_dir} | model {cfg.model.preset} ({n_params / 1e6:.2f}M params) | strategy "
+            model_name = cfg.model.preset if cfg.model.init_from is None else f"from {cfg.model.init_from}"
+            log.info(f"run dir {run_dir} | model {model_name} ({n_params / 1e6:.2f}M params) | strategy "
                      f"{strategy.name} x{dist.world_size} on {dist.device} | precision {cfg.precision.name}")
         return trainer.fit()
     except RuntimeError as e:  # gloo/NCCL failures surface as DistError or plain RuntimeError
@@ -200,6 +225,7 @@ def _check_resume_compatible(ckpt: Path, gpt_config) -> None:
 def _build_data(cfg: DictConfig, gpt_config, dist):
     from train.data import build_dataloader, get_tokenizer
 
+    _tokenizer_name(cfg, gpt_config)
     data_cfg = OmegaConf.to_object(cfg.data)
     tok = get_tokenizer(data_cfg.tokenizer)
     if tok.n_vocab > gpt_config.vocab_size:

@@ -52,6 +52,9 @@ class Strategy:
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.gpt_config = None
+        # model.init_from (a local HF dir after train.main resolves it); None = random init for train.seed.
+        # train.main clears it when resuming: the checkpoint's weights replace the start anyway.
+        self.init_from: str | None = cfg.model.init_from
 
     # ------------------------------------------------------------ construction
 
@@ -62,9 +65,14 @@ class Strategy:
 
     def init_model(self, gpt_config) -> nn.Module:
         """The single-process initialisation for ``train.seed``: built on ``meta`` (no RAM for the
-        random init of a big model), materialised on the device, then ``init_weights()``."""
+        random init of a big model), materialised on the device, then ``init_weights()``. With
+        ``model.init_from`` the Hugging Face checkpoint's weights instead (fp32 master weights)."""
         from model import GPT
 
+        if self.init_from is not None:
+            from train.init_from import load_hf_model
+
+            return load_hf_model(gpt_config, self.init_from, self.device)
         with torch.device("meta"):
             model = GPT(gpt_config)
         model.to_empty(device=self.device)
