@@ -206,6 +206,12 @@ class Block(nn.Module):
         return x + (self.mlp(h_mlp) + self.attn(h, cos, sin, kv_cache, start_pos))
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding without its default init: init_weights() sets the values, and normal_() on `meta` goes through
+    a Python meta kernel whose first call imports torch._dynamo (seconds of start-up for every run)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 # ---- the model --------------------------------------------------------------------------------
 
 
@@ -226,8 +232,8 @@ class GPT(nn.Module):
             self.init_weights()
 
     def _build(self, cfg: GPTConfig) -> None:
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.tok_emb = _embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = _embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm_f = build_norm(cfg)
