@@ -180,6 +180,8 @@ class DeepSpeedStrategy(Strategy):
             torch.manual_seed(self.cfg.train.seed)
             with torch.no_grad():
                 replay_init(model)  # gathers one parameter at a time: the single-process values
+            if getattr(self, "init_from", None) is not None:  # model.init_from: HF weights instead
+                self._load_hf_weights(model, self.init_from)
         else:
             model = self.init_model(gpt_config)  # replicated parameters (ZeRO-1/2 shard only the optimizer)
         self.apply_transforms(model)  # activation checkpointing (compile is rejected for DeepSpeed)
@@ -202,6 +204,20 @@ class DeepSpeedStrategy(Strategy):
         self.optimizer = ds_optimizer
         self.scheduler = scheduler
         self.scaler = None  # DeepSpeed's fp16 block does dynamic loss scaling
+
+    def _load_hf_weights(self, model: nn.Module, init_from: str) -> None:
+        """ZeRO-3: rank 0 reads the Hugging Face checkpoint (one full copy, on CPU); each parameter is
+        gathered, overwritten on rank 0 and re-partitioned from it."""
+        import deepspeed
+
+        from train.init_from import load_hf_model
+
+        full = load_hf_model(self.gpt_config, init_from, torch.device("cpu")).state_dict() if self.dist.is_main else {}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if self.dist.is_main:
+                        p.data.copy_(full[name])
 
     # ------------------------------------------------------------ training
 

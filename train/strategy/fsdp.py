@@ -115,10 +115,22 @@ class FSDPStrategy(Strategy):
         torch.manual_seed(self.cfg.train.seed)
         with torch.no_grad():
             replay_init(model)  # each rank writes its slice of the single-process init
+        if getattr(self, "init_from", None) is not None:  # model.init_from: start from HF weights instead
+            self._load_hf_weights(model, self.init_from)
         if offload:  # buffers (RoPE tables) are not offloaded: they live on the compute device
             model.init_buffers(self.device)
         self.model = model
         self.build_optim(model)
+
+    def _load_hf_weights(self, model: nn.Module, init_from: str) -> None:
+        """Rank 0 reads the Hugging Face checkpoint (one full copy, on CPU) and every rank receives
+        only its shards (broadcast from rank 0)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from train.init_from import load_hf_model
+
+        full = load_hf_model(self.gpt_config, init_from, torch.device("cpu")).state_dict() if self.dist.is_main else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     # ------------------------------------------------------------ training
 
