@@ -142,6 +142,9 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
         # ---- input validation: nothing is built or written before this passes
         try:
             validate(cfg)
+            from train.strategy import check_environment
+
+            check_environment(cfg)  # launcher, deepspeed, bf16/fp16 support
             gpt_config = build_gpt_config(cfg)
             resume_from = resolve_resume(cfg.resume, run_dir)
             own = list_checkpoints(run_dir)
