@@ -349,9 +349,16 @@ def _cluster(tmp_path_factory: pytest.TempPathFactory, n_nodes: int, cpus: int) 
     except Exception as e:
         cluster.stop()
         raise RuntimeError(f"could not start the slurm cluster: {e}\n{cluster.log()[-3000:]}") from e
+    # a SIGTERM to pytest (e.g. a CI timeout) must still stop the daemons: make it an interrupt,
+    # which runs fixture teardown
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield cluster
     finally:
+        signal.signal(signal.SIGTERM, previous)
         cluster.stop()
 
 
