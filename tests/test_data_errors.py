@@ -114,7 +114,37 @@ def test_all_lines_invalid_utf8(tmp_path, tok):
     (tmp_path / "d.jsonl").write_bytes(b'{"text": "\xff"}\n{"text": "\xfe"}\n')
     with pytest.warns(UserWarning), pytest.raises(DataError, match="no documents") as e:
         load(tmp_path, tok, tmp_path / "d.jsonl")
-    one_line(e)
+    msg = one_line(e)
+    assert str(tmp_path / "d.jsonl") in msg and "2 line(s) skipped as invalid UTF-8" in msg
+    assert no_cache_entry(tmp_path)
+    # a latin-1 text file: every line undecodable; the error names the file and the count (each split
+    # reads the file once, the count is still the file's own 50 lines, warned once)
+    lat = tmp_path / "latin1.txt"
+    lat.write_bytes("Sh\u00e4kespeare \u00e9crit\n".encode("latin-1") * 50)
+    with pytest.warns(UserWarning) as caught, pytest.raises(DataError) as e:
+        load(tmp_path, tok, lat)
+    msg = one_line(e)
+    assert f"(1 file(s): {lat})" in msg and "50 line(s) skipped as invalid UTF-8" in msg, msg
+    assert [str(w.message) for w in caught] == [f"skipped 50 line(s) with invalid UTF-8 in {lat}"]
+    # several files: each one with skipped lines is named with its count
+    (tmp_path / "many").mkdir()
+    for name, n in (("a.txt", 3), ("b.txt", 0), ("c.jsonl", 2)):
+        f = tmp_path / "many" / name
+        f.write_bytes(b'{"text": "\xe9"}\n' * n if name.endswith("jsonl") else b"\xe9t\xe9\n" * n + b" \n")
+    with pytest.warns(UserWarning), pytest.raises(DataError) as e:
+        load(tmp_path, tok, tmp_path / "many")
+    msg = one_line(e)
+    assert "(3 file(s): " in msg and "5 line(s) skipped as invalid UTF-8" in msg, msg
+    assert f"3 in {tmp_path / 'many' / 'a.txt'}, 2 in {tmp_path / 'many' / 'c.jsonl'}" in msg, msg
+
+
+def test_empty_corpus_names_files(tmp_path, tok):
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    with pytest.raises(DataError) as e:
+        load(tmp_path, tok, tmp_path / "blank.txt")
+    msg = one_line(e)
+    assert f"(1 file(s): {tmp_path / 'blank.txt'})" in msg and "empty or whitespace" in msg, msg
+    assert "UTF-8" not in msg
 
 
 def test_corpus_smaller_than_one_window(tmp_path, tok):
@@ -125,7 +155,8 @@ def test_corpus_smaller_than_one_window(tmp_path, tok):
     msg = one_line(e)
     assert "4 tokens" in msg and "needs 8 windows (513 tokens)" in msg  # 3 tokens + EOT vs 8*64+1
     (tmp_path / "b.txt").write_text("one two three " * 100)
-    with pytest.raises(DataError, match=r"the val split has \d+ tokens = 0 windows of seq_len 64"):
+    with pytest.raises(DataError, match=r"the val split of the text corpus \(1 file\(s\): .*b.txt\) has \d+ tokens = "
+                       r"0 windows of seq_len 64"):
         build_dataloader(DataConfig(source="text", path=str(tmp_path / "b.txt"), cache_dir=str(tmp_path / "c"),
                                     val_fraction=0.01), tok, "val", 64, 2)
     with pytest.raises(DataError, match="val_fraction is 0"):

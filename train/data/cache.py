@@ -57,8 +57,7 @@ def prepare_corpus(corpus: Corpus, tok: Tokenizer, out: Path, *, shard_tokens: i
     header = write_tokens(out, splits, tok, fingerprint=corpus.fingerprint, source=corpus.describe(),
                           shard_tokens=shard_tokens, num_threads=num_threads, progress=progress)
     if header["splits"]["train"]["n_docs"] == 0:  # an empty val split is reported when a val loader asks
-        raise DataError(f"no documents in the {corpus.kind} corpus ({len(corpus.files)} file(s), "
-                        f"all empty or undecodable)")
+        raise DataError(corpus.empty_error())
     return header
 
 

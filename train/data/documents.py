@@ -102,16 +102,17 @@ class Corpus:
             return data.decode("utf-8")
         except UnicodeDecodeError:
             pass
-        good = []  # keep every decodable line, count the others
+        good, bad = [], 0  # keep every decodable line, count the others
         for line in data.split(b"\n"):
             try:
                 good.append(line.decode("utf-8"))
             except UnicodeDecodeError:
-                self._skip(f)
-        self._warn(f)
+                bad += 1
+        self._skipped(f, bad)
         return "\n".join(good)
 
     def _jsonl_documents(self, f: Path) -> Iterator[str]:
+        bad = 0
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 if not raw.strip():
@@ -119,20 +120,42 @@ class Corpus:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
-                    self._skip(f)
+                    bad += 1
                     continue
                 text = _record_text(f, lineno, line, self.text_field)
                 if text:
                     yield text
-        self._warn(f)
+        self._skipped(f, bad)
 
-    def _skip(self, f: Path) -> None:
-        self.skipped_utf8[str(f)] = self.skipped_utf8.get(str(f), 0) + 1
+    def _skipped(self, f: Path, n: int) -> None:
+        """Record the invalid-UTF-8 lines of one full read of `f`; warn once per file (every split
+        reads every file, so the count is per read, not summed over reads)."""
+        if not n:
+            return
+        first = str(f) not in self.skipped_utf8
+        self.skipped_utf8[str(f)] = n
+        if first:
+            warnings.warn(f"skipped {n} line(s) with invalid UTF-8 in {f}", stacklevel=3)
 
-    def _warn(self, f: Path) -> None:
-        n = self.skipped_utf8.get(str(f), 0)
-        if n:
-            warnings.warn(f"skipped {n} line(s) with invalid UTF-8 in {f}", stacklevel=2)
+    def empty_error(self) -> str:
+        """One line for a corpus that yielded no document: which files, and why they came out empty."""
+        where = name_files(self.files)
+        bad = {f: n for f, n in self.skipped_utf8.items() if n}
+        if not bad:
+            return f"no documents in the {self.kind} corpus {where}: every file is empty or whitespace"
+        per = ""
+        if len(self.files) > 1:  # which files had them
+            per = ", ".join(f"{n} in {f}" for f, n in list(bad.items())[:3])
+            per = f" ({per}{', ...' if len(bad) > 3 else ''})"
+        return (f"no documents in the {self.kind} corpus {where}: {sum(bad.values())} line(s) skipped as invalid "
+                f"UTF-8{per}, nothing else left; re-encode the file(s) as UTF-8")
+
+
+def name_files(files: list, limit: int = 3) -> str:
+    """'(N file(s): a, b, c and M more)' for one-line errors."""
+    names = ", ".join(str(f) for f in files[:limit])
+    more = f" and {len(files) - limit} more" if len(files) > limit else ""
+    return f"({len(files)} file(s): {names}{more})"
 
 
 _memo: dict[tuple, object] = {}

@@ -105,7 +105,8 @@ class IndexedLoader:
         need = self.global_batch if self.train else micro_batch_size * dp_size
         if self.n_samples < need:
             raise DataError(
-                f"the {split} split has {store.n_tokens} tokens = {self.n_samples} windows of seq_len {seq_len}; "
+                f"the {split} split of {store.describe()} has {store.n_tokens} tokens = {self.n_samples} windows "
+                f"of seq_len {seq_len}; "
                 f"one {'global batch' if self.train else 'eval batch over all ranks'} needs {need} windows "
                 f"({need * seq_len + 1} tokens): use more data or a smaller seq_len / batch")
         self.val_steps = self.n_samples // (micro_batch_size * dp_size)

@@ -203,6 +203,19 @@ class TokenStore:
                                 f"header says {n} {self.dtype.name} tokens ({n * self.dtype.itemsize} bytes)")
         self._maps: list[np.memmap] | None = None
 
+    def describe(self) -> str:
+        """Where the tokens came from, for one-line errors: the corpus files, the hf dataset or the dir."""
+        src = self.header.get("source") or {}
+        if src.get("kind") == "shakespeare":
+            return "the shakespeare corpus"
+        if src.get("files"):
+            from train.data.documents import name_files
+
+            return f"the {src.get('kind', 'text')} corpus {name_files(src['files'])}"
+        if src.get("kind") == "hf":
+            return f"the hf dataset {src.get('name') or src.get('path')!r} (tokens dir {str(self.root)!r})"
+        return f"tokens dir {str(self.root)!r}"
+
     def __getstate__(self) -> dict:
         return dict(self.__dict__, _maps=None)
 
