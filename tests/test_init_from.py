@@ -74,22 +74,26 @@ def llama_dir(path: Path, corpus: Path, with_tokenizer: bool = True) -> Path:
     return path
 
 
-def hf_first_loss(model_dir: Path, tokenizer: str, overrides: tuple[str, ...]) -> float:
-    """The transformers model's loss on the trainer's first batch (same loader, config and seed)."""
+def hf_first_loss(model_dir: Path, tokenizer: str, overrides: tuple[str, ...], dp_size: int = 1) -> float:
+    """The transformers model's loss on the trainer's first batch (same loader, config and seed): with
+    dp_size ranks, the mean of the ranks' losses on their slices, as the trainer logs it."""
     from train.data import build_dataloader, get_tokenizer
 
     cfg = compose(*overrides)
     data_cfg = OmegaConf.to_object(cfg.data)
     data_cfg.tokenizer = tokenizer
     t = cfg.train
-    loader = build_dataloader(data_cfg, get_tokenizer(tokenizer), split="train", seq_len=t.seq_len,
-                              micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, dp_rank=0, dp_size=1,
-                              seed=t.seed)
-    x, y = next(iter(loader))  # [B, T] each
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(x).logits  # [B, T, V]
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+    losses = []
+    for rank in range(dp_size):
+        loader = build_dataloader(data_cfg, get_tokenizer(tokenizer), split="train", seq_len=t.seq_len,
+                                  micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, dp_rank=rank,
+                                  dp_size=dp_size, seed=t.seed)
+        x, y = next(iter(loader))  # [B, T] each
+        with torch.no_grad():
+            logits = model(x).logits  # [B, T, V]
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+    return sum(losses) / dp_size
 
 
 def test_gpt2_first_step_loss_equals_transformers(tmp_path: Path, corpus: Path) -> None:
@@ -116,6 +120,17 @@ def test_llama_uses_checkpoint_tokenizer(tmp_path: Path, corpus: Path) -> None:
     expected = hf_first_loss(hf, str(hf.absolute()), args)
     assert abs(losses[0] - expected) < 1e-5, (losses[0], expected)
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["tokenizer"] == str(hf.absolute())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_two_ranks(strategy: str, tmp_path: Path, corpus: Path) -> None:
+    """Every rank of a data-parallel run starts from the checkpoint (torchrun, 2 gloo ranks)."""
+    hf = llama_dir(tmp_path / "llama", corpus)
+    args = (*STEP1, *data_args(corpus, tmp_path / "cache"), f"strategy={strategy}")
+    res = run_train(tmp_path / "run", f"model.init_from={hf}", *args, nproc=2, env={"DS_ACCELERATOR": "cpu"})
+    expected = hf_first_loss(hf, str(hf.absolute()), args, dp_size=2)
+    assert len(res.losses) == 1
+    assert abs(res.losses[0] - expected) < 1e-5, (res.losses[0], expected)
 
 
 def test_cli_run_and_missing_dir(tmp_path: Path, corpus: Path) -> None:
