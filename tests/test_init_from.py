@@ -122,6 +122,19 @@ def test_llama_uses_checkpoint_tokenizer(tmp_path: Path, corpus: Path) -> None:
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["tokenizer"] == str(hf.absolute())
 
 
+def test_resume_continues_exactly(tmp_path: Path, corpus: Path) -> None:
+    """Resuming an init_from run continues exactly: step 2 is bitwise the uninterrupted run's step 2."""
+    hf = gpt2_dir(tmp_path / "gpt2")
+    args = (*STEP1, *data_args(corpus, tmp_path / "cache"), f"model.init_from={hf}", "model.dropout=0.0",
+            "train.max_steps=2")
+    code, full = train_in_process(tmp_path / "full", *args, "train.ckpt_every=1")
+    assert code == 0
+    code, resumed = train_in_process(tmp_path / "resumed", *args,
+                                     f"resume={full / 'checkpoints' / 'step_0000001'}")
+    assert code == 0
+    assert losses_of(resumed) == losses_of(full)[1:]
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_two_ranks(strategy: str, tmp_path: Path, corpus: Path) -> None:
     """Every rank of a data-parallel run starts from the checkpoint (torchrun, 2 gloo ranks)."""
