@@ -71,8 +71,18 @@ def shared_timestamp() -> float:
     store = _get_store()
     key = "lmforge/run_stamp"
     if rank == 0:
-        store.set(key, repr(time.time()))
+        # set once per job: after an elastic restart (torchrun's agent keeps its store) the group keeps the
+        # first attempt's stamp, so a default run dir stays the same and resume=auto finds its checkpoints
+        store.compare_set(key, "", repr(time.time()))
     return float(store.get(key).decode())
+
+
+def _attempt_store() -> dist.Store:
+    """The job's store under a prefix unique to this torchelastic attempt: after a restart the agent's store
+    still holds attempt N-1's gloo/NCCL addresses, which the new group must not read (torchrun's own env://
+    rendezvous prefixes the same way)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"lmforge/attempt_{attempt}", _get_store())
 
 
 def init_distributed(device: str = "auto", backend: str | None = None, timeout_s: int = 1800) -> DistInfo:
@@ -102,7 +112,7 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
                   "timeout": datetime.timedelta(seconds=timeout_s)}
         if dev.type == "cuda":
             kwargs["device_id"] = dev
-        dist.init_process_group(store=_get_store(), **kwargs)
+        dist.init_process_group(store=_attempt_store(), **kwargs)
     return info
 
 
