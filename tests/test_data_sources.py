@@ -212,10 +212,44 @@ def test_hf_resume_shuffled_across_epochs(hf_files, tok):
     it2 = iter(ld2)
     head = [next(it2)[0] for _ in range(80)]
     state = ld2.state_dict()
-    assert state["shares"][0]["epoch"] == 1 and state["shares"][0]["buf"]  # mid-document, second epoch
+    pos = state["shares"][0]
+    assert pos["epoch"] == 1 and pos["offset"] > 0 and pos["buf"] == []  # mid-document, second epoch
     again = build_dataloader(cfg, tok, "train", T, 2, seed=7)
     again.load_state_dict(json.loads(json.dumps(state)))  # the state is plain JSON-able data
     it3 = iter(again)
     tail = [next(it3)[0] for _ in range(10)]
     assert all(torch.equal(a, b) for a, b in zip(head + tail, straight))
     assert not torch.equal(torch.cat(straight[:5]), torch.cat(straight[70:75]))  # epochs differ in order
+
+
+def test_hf_resume_from_version2_state(hf_files, tok):
+    """A version-2 position (records consumed + the tokens not yet packed) still resumes exactly,
+    also when its unpacked tokens span several micro-batches and the position is saved again inside them."""
+    d, docs = hf_files
+    docs = docs[10:]
+    cfg = DataConfig(source="hf", path=str(d / "train.jsonl"), val_docs=10, shuffle=False)
+    it = iter(build_dataloader(cfg, tok, "train", T, 2))
+    straight = [next(it)[0] for _ in range(40)]
+    ld = build_dataloader(cfg, tok, "train", T, 2)
+    it = iter(ld)
+    head = [next(it)[0] for _ in range(25)]
+    state = ld.state_dict()
+    pos = state["shares"][0]
+    assert state["version"] == 3 and pos["offset"] > 0
+    # the same point as version 2 saved it, with 6 more records read and left unpacked
+    r = pos["records"]
+    rest = [t for k in range(r, r + 7) for t in tok.encode(docs[k]) + [tok.eot_token]][pos["offset"]:]
+    assert len(rest) > 2 * 2 * T  # spans more than two micro-batches
+    old = dict(state, version=2, shares=[{"share": 0, "epoch": pos["epoch"], "records": r + 7, "buf": rest}])
+    again = build_dataloader(cfg, tok, "train", T, 2)
+    again.load_state_dict(old)
+    it = iter(again)
+    mid = [next(it)[0]]  # still inside the version-2 tokens: the new state carries their rest
+    inside = again.state_dict()
+    assert inside["shares"][0]["records"] == r + 7 and len(inside["shares"][0]["buf"]) == len(rest) - 2 * T
+    tail = [next(it)[0] for _ in range(14)]
+    assert all(torch.equal(a, b) for a, b in zip(head + mid + tail, straight))
+    last = build_dataloader(cfg, tok, "train", T, 2)
+    last.load_state_dict(json.loads(json.dumps(inside)))
+    it = iter(last)
+    assert all(torch.equal(next(it)[0], e) for e in straight[26:])

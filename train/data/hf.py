@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -25,6 +26,9 @@ from train.data.tokenizer import Tokenizer
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 _SHUFFLE_BUFFER = 10_000
+# 3: a share's position is (epoch, record, token offset in it); 2 saved (records consumed, unpacked tokens)
+STATE_VERSION = 3
+_GROUP_CHARS = 1 << 20  # characters per tokenizer call: all threads busy, a short wait for the first batch
 
 
 def _load(cfg: DataConfig, split_name: str):
@@ -96,18 +100,67 @@ def hf_documents(cfg: DataConfig, split: str, seed: int = 0) -> Iterator[str]:
             yield text
 
 
+def _as_is(sample):
+    """DataLoader collate for ready micro-batches: no recursive conversion of the position dict."""
+    return sample
+
+
+def _threads_per_worker(num_workers: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores // max(1, num_workers)))
+
+
 class _PackedStream(IterableDataset):
     """Documents of one (rank, worker) share -> EOT-separated tokens -> (x, y, position) micro-batches.
 
-    The position after each micro-batch (epoch, records read in the epoch, tokens read but not yet
-    packed) travels with it, so the main process always holds the exact resume point of every share.
+    Records are read and tokenized in groups (tiktoken's batch encoder, threads without the GIL) and
+    packed with numpy: the tokens of a group plus the carry-over of the previous one form one array,
+    and every full micro-batch is a single gather of [B, T+1] windows at stride T.
+
+    The position after each micro-batch names where the next window starts: (epoch, records before
+    the record holding that token, offset into that record's tokens + EOT); `buf` holds tokens that
+    precede that record (only ever from a version-2 state, which saved the unpacked tokens). It travels
+    with the batch, so the main process always holds the exact resume point of every share.
     """
 
     def __init__(self, ds, tok: Tokenizer, text_field: str, seq_len: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, resume: list[dict | None], rotate: int) -> None:
+                 dp_rank: int, dp_size: int, resume: list[dict | None], rotate: int, threads: int = 1) -> None:
         self.ds, self.tok, self.text_field = ds, tok, text_field
         self.seq_len, self.B, self.rank, self.world = seq_len, micro_batch_size, dp_rank, dp_size
-        self.resume, self.rotate = resume, rotate
+        self.resume, self.rotate, self.threads = resume, rotate, threads
+
+    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Token arrays of `texts` (+ EOT each; empty texts give an empty array)."""
+        from train.data.shards import _PIECE_CHARS, split_for_tokenizing
+
+        eot = np.array([self.tok.eot_token], dtype=np.int64)
+        splittable = self.tok.splits_at_lines  # long texts in pieces: all threads busy, same tokens
+        pieces, owner = [], []
+        for k, t in enumerate(texts):
+            for piece in (split_for_tokenizing(t, _PIECE_CHARS) if splittable and t else [t] if t else []):
+                pieces.append(piece)
+                owner.append(k)
+        parts: list[list[np.ndarray]] = [[] for _ in texts]
+        for k, ids in zip(owner, self.tok.encode_batch(pieces, num_threads=self.threads)):
+            parts[k].append(np.array(ids, dtype=np.int64))
+        return [np.concatenate([*ps, eot]) if ps else eot[:0] for ps in parts]
+
+    def _groups(self, part, skip: int) -> Iterator[tuple[int, list[str]]]:
+        """(epoch index of the first record, texts) of about _GROUP_CHARS characters, from record `skip`
+        on; the records before it are read, not tokenized (the resume point counts records)."""
+        texts, size, first, i = [], 0, skip, 0
+        # .iter() rather than iter(): datasets would re-split by torch worker a second time
+        for batch in part.iter(batch_size=64):
+            recs = batch[self.text_field]
+            lo, i = max(0, skip - i), i + len(recs)
+            for t in recs[lo:]:
+                texts.append(t if isinstance(t, str) else "")
+                size += len(texts[-1])
+                if size >= _GROUP_CHARS:
+                    yield first, texts
+                    first, texts, size = first + len(texts), [], 0
+        if texts:
+            yield first, texts
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
         from datasets.distributed import split_dataset_by_node
@@ -117,35 +170,52 @@ class _PackedStream(IterableDataset):
         # the DataLoader polls worker 0 first: on resume, worker 0 takes the share whose turn is next
         w = (w + self.rotate) % nw
         part = split_dataset_by_node(self.ds, rank=self.rank * nw + w, world_size=self.world * nw)
-        T, eot, st = self.seq_len, self.tok.eot_token, self.resume[w]
+        T, B, st = self.seq_len, self.B, self.resume[w]
         epoch, skip = (st["epoch"], st["records"]) if st else (0, 0)
-        buf: list[int] = list(st["buf"]) if st else []
-        rows: list[list[int]] = []
+        drop = st.get("offset", 0) if st else 0  # tokens of record `skip` before the resume point
+        # pending tokens and where each segment of them comes from: (start in buf, epoch, record, offset)
+        # record None = tokens saved by a version-2 state, which precede record `skip`
+        legacy = np.asarray(st.get("buf") or [], dtype=np.int64) if st else np.zeros(0, np.int64)
+        legacy_records = skip
+        buf, segs = legacy, [(0, epoch, None, 0)]
+        idx = np.arange(T + 1)[None, :] + (np.arange(B) * T)[:, None]  # window k of a micro-batch: [B, T+1]
         while True:
             part.set_epoch(epoch)
-            n = 0  # records read in this epoch (the resume point counts records, not tokens)
-            # .iter() rather than iter(): datasets would re-split by torch worker a second time
-            for batch in part.iter(batch_size=64):
-                recs = batch[self.text_field]
-                first, n = n, n + len(recs)
-                if n <= skip:  # already packed before the resume point: read, not tokenized
+            got = False
+            for first, texts in self._groups(part, skip):
+                got = True
+                toks = self._encode(texts)
+                offsets = [0] * len(toks)
+                if first == skip and drop:  # the record holding the resume point
+                    toks[0], offsets[0], drop = toks[0][drop:], drop, 0
+                starts = len(buf) + np.cumsum([0] + [len(a) for a in toks[:-1]])
+                segs += [(int(s0), epoch, first + k, off) for k, (s0, off) in enumerate(zip(starts, offsets))]
+                buf = np.concatenate([buf, *toks])
+                n_micro = (len(buf) - 1) // (T * B)
+                if not n_micro:
                     continue
-                recs = recs[max(0, skip - first):]
-                texts = [t if isinstance(t, str) else "" for t in recs]
-                for k, ids in enumerate(self.tok.encode_batch(texts)):
-                    if not texts[k]:
-                        continue
-                    buf.extend(ids)
-                    buf.append(eot)
-                    while len(buf) >= T + 1:
-                        rows.append(buf[:T + 1])
-                        del buf[:T]  # stride T: a window's last target is the next window's first input
-                        if len(rows) == self.B:
-                            win = torch.tensor(rows, dtype=torch.long)  # [B, T+1]
-                            pos = {"share": w, "epoch": epoch, "records": n - len(recs) + k + 1, "buf": list(buf)}
-                            yield win[:, :-1].contiguous(), win[:, 1:].contiguous(), pos
-                            rows = []
-            if n == 0:
+                seg_starts = np.array([s[0] for s in segs])
+                for m in range(n_micro):
+                    win = buf[idx + m * B * T]  # [B, T+1]
+                    nxt = (m + 1) * B * T  # the next window's first token (the last target of this one)
+                    j = int(np.searchsorted(seg_starts, nxt, side="right")) - 1
+                    s0, e, r, off = segs[j]
+                    if r is None:  # still inside a version-2 carry
+                        pos = {"share": w, "epoch": e, "records": legacy_records, "offset": 0,
+                               "buf": buf[nxt:len(legacy)].tolist()}
+                    else:
+                        pos = {"share": w, "epoch": e, "records": r, "offset": off + nxt - s0, "buf": []}
+                    yield torch.from_numpy(win[:, :-1].copy()), torch.from_numpy(win[:, 1:].copy()), pos
+                cut = n_micro * B * T
+                j = int(np.searchsorted(seg_starts, cut, side="right")) - 1
+                s0, e, r, off = segs[j]
+                if r is None:
+                    legacy = legacy[cut:]
+                    segs = [(0, e, None, 0)] + [(x - cut, *rest) for x, *rest in segs[j + 1:]]
+                else:
+                    segs = [(0, e, r, off + cut - s0)] + [(x - cut, *rest) for x, *rest in segs[j + 1:]]
+                buf = buf[cut:].copy()
+            if not got and not skip:
                 raise DataError(f"hf stream: rank {self.rank} worker {w} got no documents (the stream has fewer "
                                 f"records than dp_size * num_workers = {self.world * nw})")
             epoch, skip = epoch + 1, 0
@@ -174,23 +244,25 @@ class HFStreamLoader:
             self._reset()
         stream = _PackedStream(self.ds, self.tok, self.cfg.text_field, self.seq_len, self.micro_batch_size,
                                self.dp_rank, self.dp_size, resume=list(self._shares),
-                               rotate=self._micro % len(self._shares))
+                               rotate=self._micro % len(self._shares), threads=_threads_per_worker(self.num_workers))
         # an own generator: creating the workers never draws from torch's global RNG
         gen = torch.Generator().manual_seed(self.seed)
-        for x, y, pos in DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=gen):
+        dl = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=gen, collate_fn=_as_is,
+                        pin_memory=torch.cuda.is_available())  # pinned: the trainer copies with non_blocking
+        for x, y, pos in dl:
             self._micro += 1
             self._shares[pos["share"]] = pos
             yield x, y
 
     def state_dict(self) -> dict:
-        return {"version": 2, "kind": "hf", "split": self.split, "micro_yielded": self._micro,
+        return {"version": STATE_VERSION, "kind": "hf", "split": self.split, "micro_yielded": self._micro,
                 "shares": [dict(p) if p else None for p in self._shares],
                 "dp_size": self.dp_size, "num_workers": self.num_workers, "seq_len": self.seq_len,
                 "micro_batch_size": self.micro_batch_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("kind") != "hf" or state.get("version") != 2:
-            raise DataError("data-loader state is not an hf-stream state of version 2")
+        if not isinstance(state, dict) or state.get("kind") != "hf" or state.get("version") not in (2, STATE_VERSION):
+            raise DataError(f"data-loader state is not an hf-stream state of version 2 or {STATE_VERSION}")
         mine = {k: getattr(self, k) for k in ("dp_size", "num_workers", "seq_len", "micro_batch_size", "seed")}
         theirs = {k: state.get(k) for k in mine}
         if mine != theirs:
