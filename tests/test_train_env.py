@@ -67,3 +67,10 @@ def test_ddp_as_one_rank_under_torchrun_trains(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == [1, 2]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_requested_without_a_gpu_names_the_device_not_bf16(no_launcher):
+    with pytest.raises(ValueError, match=r"^train.device=cuda but no CUDA GPU is visible; use train.device=auto or "
+                                         r"cpu \(precision=bf16, strategy=single\)$"):
+        check_environment(compose(*TINY, "train.device=cuda", "precision=bf16"))

@@ -55,6 +55,9 @@ def check_environment(cfg) -> None:
     device = cfg.train.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():  # before asking a missing GPU about bf16
+        raise ValueError(f"train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu "
+                         f"(precision={cfg.precision.name}, strategy={name})")
     check_precision_supported(cfg.precision.name, name, device)
 
 
