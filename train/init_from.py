@@ -4,7 +4,9 @@ Three jobs, all checked before any compute: the model config comes from the chec
 ``config.json`` (``model.*`` overrides may only repeat it, except ``model.dropout``); the weights'
 names and shapes are checked from the file headers; the matching tokenizer is chosen (tiktoken
 ``gpt2`` for the GPT-2 family, else the checkpoint's own ``tokenizer.json``). The strategy then
-builds the model from these weights instead of the random init (``load_hf_model``).
+builds the model from these weights instead of the random init (``load_hf_model``): single, ddp,
+zero1 and zero2 through ``Strategy.init_model`` (a full replica per rank); fsdp and zero3 have rank 0
+read the checkpoint and write it into the shards (their ``_load_hf_weights``).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# strategies whose build goes through Strategy.init_model (a full, replicated model per rank)
-INIT_FROM_STRATEGIES = ("single", "ddp", "zero1", "zero2")
+from model import GPTConfig
+
 # model.* fields that may differ from the checkpoint's config.json (regularisation, not architecture)
 OVERRIDABLE = ("dropout",)
 
 
-def hf_gpt_config(model_cfg, strategy_name: str):
+def hf_gpt_config(model_cfg) -> tuple[GPTConfig, Path]:
     """(GPTConfig, local checkpoint dir) for ``model.init_from``; raises ValueError (one line) on bad input.
 
     ``model_cfg`` is the ``ModelConfig`` dataclass; its ``preset`` is ignored (the checkpoint defines
@@ -33,9 +35,6 @@ def hf_gpt_config(model_cfg, strategy_name: str):
     name = model_cfg.init_from
     if not name or not str(name).strip():
         raise ValueError("model.init_from='' is empty; give a Hugging Face model dir or Hub id")
-    if strategy_name not in INIT_FROM_STRATEGIES:
-        raise ValueError(f"model.init_from is supported with strategy={'|'.join(INIT_FROM_STRATEGIES)} for now "
-                         f"(got strategy={strategy_name})")
     try:
         model_dir = resolve_model_dir(name).absolute()
         gpt = config_from_hf(read_hf_config(model_dir))

@@ -79,7 +79,7 @@ def build_gpt_config(cfg: DictConfig):
     if mc.init_from is not None:  # the architecture is the Hugging Face checkpoint's (train/init_from.py)
         from train.init_from import hf_gpt_config
 
-        gpt, model_dir = hf_gpt_config(mc, cfg.strategy.name)
+        gpt, model_dir = hf_gpt_config(mc)
         cfg.model.init_from = str(model_dir)  # the strategy loads from here; config.yaml records it
         _check(cfg.train.seq_len <= gpt.block_size,
                f"train.seq_len={cfg.train.seq_len} exceeds block_size={gpt.block_size} of model.init_from="
