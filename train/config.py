@@ -23,7 +23,7 @@ class ModelConfig:
     """
 
     preset: str = "gpt2-tiny"
-    init_from: str | None = None  # reserved: a Hugging Face checkpoint dir/name to start from
+    init_from: str | None = None  # a Hugging Face model dir / Hub id: its config + weights (train/init_from.py)
     family: str | None = None
     n_layer: int | None = None
     n_head: int | None = None
