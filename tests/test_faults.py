@@ -122,9 +122,6 @@ def test_sigterm_checkpoints_and_logs_signal_to_exit_time(tmp_path):
     assert float(m.group(2)) < 60
 
 
-@pytest.mark.xfail(strict=True, reason="train/distributed.py joins the process group on the torchrun agent's store "
-                   "without a per-attempt prefix: after a restart gloo reads attempt 0's stale addresses "
-                   "(connectFullMesh: connection refused)")
 def test_elastic_restart_after_sigkill_resumes_with_uninterrupted_losses(ddp_reference, tmp_path):
     """launch/torchrun.sh with TORCHRUN_ARGS=--max-restarts=1: rank 1 is SIGKILLed mid-run, torchrun
     restarts the group, which resumes (resume=auto) from the latest complete checkpoint; the final
