@@ -70,6 +70,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir (has meta.json), or a run dir whose `checkpoints/latest` names one."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file or directory")
+    if (p / "meta.json").is_file():
+        return p
+    latest = latest_checkpoint(p) if p.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"checkpoint {path}: neither a checkpoint dir (no meta.json) nor a run dir "
+                              f"(no checkpoints/latest)")
+    return latest
+
+
 def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     """``auto``: this run dir's ``latest`` (None on a fresh run); ``none``: None; else a checkpoint
     dir (has meta.json) or a run dir (has checkpoints/latest)."""

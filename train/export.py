@@ -20,24 +20,10 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import CheckpointError, check_shapes, latest_checkpoint, read_meta, torch_load
+from train.checkpoint import CheckpointError, check_shapes, read_meta, resolve_checkpoint, torch_load
 
 FORMATS = ("torch", "dcp", "deepspeed")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir (has meta.json), or a run dir whose `checkpoints/latest` names one."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {path}: no such file or directory")
-    if (p / "meta.json").is_file():
-        return p
-    latest = latest_checkpoint(p) if p.is_dir() else None
-    if latest is None:
-        raise CheckpointError(f"checkpoint {path}: neither a checkpoint dir (no meta.json) nor a run dir "
-                              f"(no checkpoints/latest)")
-    return latest
 
 
 def _expected_shapes(cfg) -> dict[str, torch.Size]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -51,18 +50,6 @@ def generate_text(strategy, tok, prompt: str, max_new_tokens: int, *, temperatur
     return tok.decode(out[0, len(ids):].tolist())
 
 
-def _find_checkpoint(path: Path) -> Path:
-    from train.checkpoint import CheckpointError, latest_checkpoint
-
-    if (path / "meta.json").is_file():
-        return path
-    found = latest_checkpoint(path) if path.is_dir() else None
-    if found is None:
-        raise CheckpointError(f"--ckpt {path}: neither a checkpoint dir (meta.json) nor a run dir with "
-                              f"checkpoints/latest")
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint dir (step_NNNNNNN) or run dir (uses checkpoints/latest)")
@@ -77,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from model import GPT, GPTConfig
-    from train.checkpoint import CheckpointError, check_shapes, read_meta, torch_load
+    from train.checkpoint import CheckpointError, check_shapes, read_meta, resolve_checkpoint, torch_load
     from train.data import get_tokenizer
 
     try:
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
-        ckpt = _find_checkpoint(Path(args.ckpt))
+        ckpt = resolve_checkpoint(args.ckpt)
         meta = read_meta(ckpt)
         if meta["format"] != "torch":
             raise CheckpointError(f"{ckpt} is a {meta['format']!r} checkpoint; convert it first with "
