@@ -33,7 +33,7 @@ def build_ours(batch: int, seq_len: int):
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         loss = strategy.micro_step(x, y, last=True)
         strategy.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step, cfg
 
@@ -59,7 +59,7 @@ def build_hf(cfg):
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     n = sum(p.numel() for p in model.parameters())
     return step, n

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train.data.config import DataConfig
 from train.data.errors import DataError, DataPathNotFoundError
+from train.data.shards import token_dtype
 from train.data.tokenizer import Tokenizer
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -128,6 +129,9 @@ class _PackedStream(IterableDataset):
         self.ds, self.tok, self.text_field = ds, tok, text_field
         self.seq_len, self.B, self.rank, self.world = seq_len, micro_batch_size, dp_rank, dp_size
         self.resume, self.rotate, self.threads = resume, rotate, threads
+        # windows cross the worker pipe as one compact array (pickled inline: cheaper than two int64
+        # tensors in shared memory); the main process splits it into (x, y)
+        self.wire_dtype = np.dtype(token_dtype(tok.n_vocab))
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
         """Token arrays of `texts` (+ EOT each; empty texts give an empty array)."""
@@ -162,7 +166,7 @@ class _PackedStream(IterableDataset):
         if texts:
             yield first, texts
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, dict]]:
         from datasets.distributed import split_dataset_by_node
 
         info = get_worker_info()
@@ -205,7 +209,7 @@ class _PackedStream(IterableDataset):
                                "buf": buf[nxt:len(legacy)].tolist()}
                     else:
                         pos = {"share": w, "epoch": e, "records": r, "offset": off + nxt - s0, "buf": []}
-                    yield torch.from_numpy(win[:, :-1].copy()), torch.from_numpy(win[:, 1:].copy()), pos
+                    yield win.astype(self.wire_dtype), pos
                 cut = n_micro * B * T
                 j = int(np.searchsorted(seg_starts, cut, side="right")) - 1
                 s0, e, r, off = segs[j]
@@ -248,11 +252,21 @@ class HFStreamLoader:
         # an own generator: creating the workers never draws from torch's global RNG
         gen = torch.Generator().manual_seed(self.seed)
         dl = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=gen, collate_fn=_as_is,
-                        pin_memory=torch.cuda.is_available())  # pinned: the trainer copies with non_blocking
-        for x, y, pos in dl:
+                        prefetch_factor=self._prefetch() if self.num_workers else None)
+        pin = torch.cuda.is_available()
+        for win, pos in dl:
             self._micro += 1
             self._shares[pos["share"]] = pos
+            w = torch.from_numpy(win.astype(np.int64))  # [B, T+1]
+            x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+            if pin:  # the trainer copies with non_blocking
+                x, y = x.pin_memory(), y.pin_memory()
             yield x, y
+
+    def _prefetch(self) -> int:
+        """Micro-batches each worker may run ahead: about one tokenizer group's worth (~4 characters a
+        token), so a worker tokenizes its next group while the DataLoader takes the others' turns."""
+        return max(2, min(64, -(-_GROUP_CHARS // (4 * self.seq_len * self.micro_batch_size)) + 1))
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "kind": "hf", "split": self.split, "micro_yielded": self._micro,

@@ -48,6 +48,8 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         """Encode many documents; both backends release the GIL, so threads run in parallel."""
         if self._kind == "tiktoken":
+            if num_threads <= 1:  # no thread pool round trip
+                return [self._backend.encode_ordinary(t) for t in texts]
             return self._backend.encode_ordinary_batch(list(texts), num_threads=num_threads)
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
 
