@@ -70,10 +70,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = p.parse_args()
-    import train.data.hf as hf
     from model.config import GPTConfig
     from model.stats import flops_per_token
-    from train.data import DataConfig
+    from train.data import DataConfig, hf
 
     consume = 0.55 * 989e12 / flops_per_token(GPTConfig.from_name("gpt2-124m"), T)
     rows = []

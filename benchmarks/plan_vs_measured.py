@@ -1,7 +1,8 @@
-"""Predicted peak memory (train.plan) vs measured, on this machine's CPU.
+"""Predicted peak memory (train.plan) vs measured, on this machine's CPU or on a CUDA GPU.
 
     .venv/bin/python benchmarks/plan_vs_measured.py            # the table of the README
     .venv/bin/python benchmarks/plan_vs_measured.py --quick    # two small configs
+    python benchmarks/plan_vs_measured.py --device cuda --precision bf16   # vs CUDA max allocated
 
 Each configuration runs in a fresh process: the trainer's own strategy (`strategy=single`, fp32, CPU)
 is built from the same Hydra overrides as `python -m train`, then two optimizer steps run on random
@@ -10,8 +11,11 @@ tokens (the second one has AdamW's states allocated, as every later step does). 
            tiny warm-up step, so thread pools and kernel caches are part of the baseline);
   tensors  torch's own bookkeeping (train.bench.TensorMemoryTracker): parameter + optimizer bytes
            plus the peak of every tensor created during the second step.
-The prediction is `train.plan.memory_bytes` for the same model / batch / AC with the CPU's AdamW
-(for-loop: one tensor's temporaries at a time), no fragmentation margin and no CUDA context.
+On CUDA the measurement is `torch.cuda.max_memory_allocated` over the second step (everything the
+caching allocator handed out: parameters, optimizer states, gradients, activations, temporaries).
+The prediction is `train.plan.memory_bytes` for the same model / batch / AC / precision with the
+device's AdamW kernel (CPU: for-loop, one tensor's temporaries at a time; CUDA: fused), no
+fragmentation margin and no CUDA context (neither is in what is measured).
 glibc's malloc is told to serve allocations above 256 KiB with mmap (MALLOC_MMAP_THRESHOLD_), so freed
 tensors go back to the OS and RSS follows live memory instead of heap high-water marks.
 """
@@ -40,9 +44,10 @@ CONFIGS = [
 QUICK = [CONFIGS[0], CONFIGS[3]]
 
 
-def overrides_for(preset: str, model_kw: dict, micro_batch: int, seq_len: int, ac: str) -> list[str]:
+def overrides_for(preset: str, model_kw: dict, micro_batch: int, seq_len: int, ac: str,
+                  device: str = "cpu", precision: str = "fp32") -> list[str]:
     return [f"model={preset}", *(f"model.{k}={v}" for k, v in model_kw.items()), "strategy=single",
-            "precision=fp32", "train.device=cpu", f"train.micro_batch_size={micro_batch}",
+            f"precision={precision}", f"train.device={device}", f"train.micro_batch_size={micro_batch}",
             f"train.seq_len={seq_len}", f"train.activation_checkpointing={ac}"]
 
 
@@ -57,10 +62,23 @@ def worker(overrides: list[str]) -> dict:
 
     cfg = compose_config(overrides)
     gpt_config = build_gpt_config(cfg)
-    strategy = build_strategy(cfg, DistInfo(device=torch.device("cpu")))
+    device = torch.device(cfg.train.device)
+    strategy = build_strategy(cfg, DistInfo(device=device))
     B, T = cfg.train.micro_batch_size, cfg.train.seq_len
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, gpt_config.vocab_size, (B, T + 1), generator=g) for _ in range(2)]
+    batches = [torch.randint(0, gpt_config.vocab_size, (B, T + 1), generator=g).to(device) for _ in range(2)]
+    if device.type == "cuda":
+        torch.manual_seed(cfg.train.seed)
+        strategy.build(gpt_config)
+        for i, xy in enumerate(batches):
+            if i == 1:  # the second step: AdamW's states exist, as in every later step
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            strategy.micro_step(xy[:, :-1], xy[:, 1:], last=True)
+            strategy.step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"rss_peak_bytes": peak, "tensor_peak_bytes": peak}
     _warm_up_runtime()
     base = _rss_bytes()
     torch.manual_seed(cfg.train.seed)
@@ -101,11 +119,13 @@ def _warm_up_runtime() -> None:
     gc.collect()
 
 
-def predict(preset: str, model_kw: dict, micro_batch: int, seq_len: int, ac: str) -> float:
+def predict(preset: str, model_kw: dict, micro_batch: int, seq_len: int, ac: str,
+            device: str = "cpu", precision: str = "fp32") -> float:
     from train.plan import PlanArgs, memory_bytes, model_shape
 
     a = PlanArgs(model=preset, strategy="single", nodes=1, gpus=1, micro_batch=micro_batch, seq_len=seq_len,
-                 precision="fp32", ac=ac, optimizer="forloop", frag=0.0, context_gb=0.0)
+                 precision=precision, ac=ac, optimizer="fused" if device == "cuda" else "forloop", frag=0.0,
+                 context_gb=0.0)
     return memory_bytes(a, model_shape(preset, seq_len, **model_kw))[1]
 
 
@@ -124,20 +144,29 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="two small configurations")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device here")
     from tqdm import tqdm
 
     rows = []
     configs = QUICK if args.quick else CONFIGS
     for label, preset, kw, b, t, ac in tqdm(configs, desc="configs", file=sys.stderr):
-        m = measure(overrides_for(preset, kw, b, t, ac), args.threads)
-        rows.append({"config": label, "predicted_gib": predict(preset, kw, b, t, ac) / 2**30,
+        m = measure(overrides_for(preset, kw, b, t, ac, args.device, args.precision), args.threads)
+        rows.append({"config": label, "predicted_gib": predict(preset, kw, b, t, ac, args.device, args.precision) / 2**30,
                      "rss_gib": m["rss_peak_bytes"] / 2**30, "tensors_gib": m["tensor_peak_bytes"] / 2**30})
-    print(f"{'config (fp32, CPU, strategy=single)':<34}{'predicted':>10}{'RSS':>9}{'err':>8}{'tensors':>9}{'err':>8}")
+    what = "RSS" if args.device == "cpu" else "CUDA"
+    print(f"{f'config ({args.precision}, {args.device}, single)':<34}{'predicted':>10}{what:>9}{'err':>8}"
+          f"{'tensors':>9}{'err':>8}")
     for r in rows:
         e1 = r["predicted_gib"] / r["rss_gib"] - 1
         e2 = r["predicted_gib"] / r["tensors_gib"] - 1
