@@ -66,7 +66,7 @@ def test_zero2_grad_accum_and_ac_match_single_process(tmp_path_factory):
 # ---------------------------------------------------------------- in-process, 2 spawned ranks
 
 
-def _zero3_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _zero_worker(rank: int, world_size: int, port: int, out_dir: str, stage: int = 3) -> None:
     init_gloo(rank, world_size, port)
     import deepspeed
     import torch.distributed as dist
@@ -76,7 +76,7 @@ def _zero3_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     from train.strategy.deepspeed import DeepSpeedStrategy
 
     gpt = tiny_gpt_config()
-    cfg = make_cfg(strategy__name="zero3", strategy__zero_stage=3, strategy__param_persistence_threshold=0,
+    cfg = make_cfg(strategy__name=f"zero{stage}", strategy__zero_stage=stage, strategy__param_persistence_threshold=0,
                    train__seed=7, train__micro_batch_size=2)
     strat = DeepSpeedStrategy(cfg, DistInfo(rank=rank, local_rank=rank, world_size=world_size))
     strat.build(gpt)
@@ -108,7 +108,7 @@ def _zero3_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def test_zero3_init_state_bytes_and_one_step(tmp_path):
     """Built under zero.Init (no rank holds the model), initial weights == single-process init, one
     step == the single-process step, and each rank holds half the parameters and AdamW moments."""
-    spawn(_zero3_worker, 2, str(tmp_path))
+    spawn(_zero_worker, 2, str(tmp_path))
     for rank in range(2):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["partitioned"] and r["init_equal"]
@@ -117,6 +117,19 @@ def test_zero3_init_state_bytes_and_one_step(tmp_path):
         for key in ("params", "optimizer"):
             assert abs(b[key] / s[key] - 0.5) < 0.05, (key, b[key], s[key])
         assert abs(b["master"] / s["params"] - 0.5) < 0.05  # ZeRO's fp32 master partition, reported apart
+
+
+def test_zero1_one_step_and_state_bytes(tmp_path):
+    """ZeRO-1 on 2 ranks: whole parameters on each rank, one step == the single-process step, and each
+    rank holds half the AdamW moments."""
+    spawn(_zero_worker, 2, str(tmp_path), 1)
+    for rank in range(2):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert not r["partitioned"] and r["init_equal"]
+        assert r["max_param_diff"] < 1e-6, r["max_param_diff"]
+        b, s = r["bytes"], r["single_bytes"]
+        assert b["params"] == s["params"]
+        assert abs(b["optimizer"] / s["optimizer"] - 0.5) < 0.05, (b["optimizer"], s["optimizer"])
 
 
 # ---------------------------------------------------------------- config generation and bad input
