@@ -20,19 +20,20 @@ import torch
 
 log = logging.getLogger("train")
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' datasheets; matched on the device name.
-_KNOWN_PEAKS_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM
-    ("GH200", 989.0),
-    ("A100", 312.0),
-    ("A10G", 125.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("V100", 125.0),
-)
+# Dense (no sparsity) peak TFLOP/s from the vendors' datasheets: bf16 / fp16 on tensor cores, and fp32
+# without TF32 (None where we do not carry the figure). Key: the planner's `gpu=` name; match: a substring
+# of torch.cuda.get_device_name(), tried in this order (the more specific names first).
+GPU_DATASHEETS: dict[str, tuple[str, dict[str, float | None]]] = {
+    "h200": ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    "h100-pcie": ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    "h100-nvl": ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    "h100": ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # SXM
+    "a100": ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    "a10g": ("A10G", {"bf16": 125.0, "fp16": 125.0, "fp32": None}),
+    "l40s": ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": None}),
+    "l4": ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": None}),
+    "v100": ("V100", {"bf16": 125.0, "fp16": 125.0, "fp32": None}),
+}
 _MEASURED: dict[tuple[str, str], float] = {}
 
 
@@ -62,9 +63,9 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) 
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tflops in _KNOWN_PEAKS_TFLOPS:
-            if key in name:
-                return tflops * 1e12, f"datasheet:{key}"
+        for match, tflops in GPU_DATASHEETS.values():
+            if match in name:
+                return tflops["bf16"] * 1e12, f"datasheet:{match}"
     key = (str(device), str(dtype))
     if key not in _MEASURED:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -35,18 +35,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from train.metrics import GPU_DATASHEETS
+
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")
 OFFLOADS = ("none", "optimizer", "params")
 PRECISIONS = ("fp32", "bf16", "fp16")
 AC_MODES = ("none", "selective", "full")
 OPTIMIZERS = ("fused", "foreach", "forloop")
 
-# Dense peak TFLOP/s per GPU (vendor datasheets, without sparsity). fp32 is the non-tensor-core figure.
+# the GPUs whose datasheet carries every precision the planner models (train/metrics.py holds the figures)
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "a100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "h100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},  # SXM
-    "h100-pcie": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
-    "h200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    key: peaks for key, (_match, peaks) in GPU_DATASHEETS.items() if all(v is not None for v in peaks.values())
 }
 GIB = 1024**3
 # DeepSpeed's defaults (elements) for the buckets it allocates; see
