@@ -163,6 +163,17 @@ def test_activation_memory_vs_tracked_tensors(ac):
     assert predicted_peak == pytest.approx(peak, rel=0.10), (predicted_peak, peak)
 
 
+@pytest.mark.parametrize("ac", ["none", "full"])
+def test_peak_with_a_large_vocabulary_vs_tracked_tensors(ac):
+    """V = 32000 over 1024 tokens: the head (logits, their gradient, the loss's fp32 chunks) sets the peak."""
+    name, B, T, V = "llama-tiny", 4, 256, 32000
+    _after_forward, peak, grads = _tracked(name, ac, B, T, V)
+    s = model_shape(name, T, vocab_size=V)
+    est = activation_bytes(s, B, T, ac, act=4, resid=4, autocast=False)
+    assert est.logits > est.saved_blocks / 2  # the regime this test is for
+    assert est.peak(grads, s.root_params * 4) == pytest.approx(peak, rel=0.01)
+
+
 def test_full_ac_keeps_only_block_inputs(gpt2_shape):
     none = activation_bytes(gpt2_shape, 2, 1024, "none", 4, 4, False)
     sel = activation_bytes(gpt2_shape, 2, 1024, "selective", 4, 4, False)
@@ -180,7 +191,8 @@ def test_memory_monotonic(gpt2_shape):
 
     assert peak(micro_batch=1) < peak(micro_batch=2) < peak(micro_batch=4)
     assert peak(ac="full", micro_batch=8) < peak(ac="selective", micro_batch=8) < peak(ac="none", micro_batch=8)
-    assert peak(seq_len=256) < peak(seq_len=512) < peak(seq_len=1024)
+    # short sequences: the end of backward (all gradients) is the peak, whatever the activations
+    assert peak(seq_len=256) <= peak(seq_len=512) < peak(seq_len=1024) < peak(seq_len=2048)
     fsdp = [peak(strategy="fsdp", gpus=g) for g in (1, 2, 4, 8)]
     assert fsdp == sorted(fsdp, reverse=True) and fsdp[-1] < fsdp[0]
     z = [peak(strategy=k, gpus=8, micro_batch=1) for k in ("zero1", "zero2", "zero3")]

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from train.loss import chunk_tokens as loss_chunk_tokens
 from train.metrics import GPU_DATASHEETS
 
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")
@@ -260,8 +261,8 @@ class ActivationEstimate:
 
     saved_blocks: float  # kept by all blocks from forward to backward
     head_inputs: float  # token ids, final norm input, LM-head input
-    logits: float  # alive from forward to the end of backward (the trainer's variable)
-    loss_backward: float  # fp32 log-softmax, its gradient and the logits' gradient (cross-entropy backward)
+    logits: float  # the model's output, freed once the loss has its gradient
+    loss_temps: float  # train.loss: the logits' gradient (same bytes) + one fp32 chunk of the loss
     recompute_block: float  # one block re-run in backward (AC)
     weight_casts_forward: float  # autocast's 16-bit weight cache, alive until autocast exits
     weight_casts_kept: float  # the part of it saved for backward
@@ -271,31 +272,31 @@ class ActivationEstimate:
     def peak(self, grads: float, grads_root: float, grad_bytes: float = 4.0) -> float:
         """Peak bytes from forward through backward, gradients allocated in backward included.
 
-        Gradients grow while activations are freed, so besides the loss backward the candidates are the
-        LM head's backward (its weight gradient next to the logits and their gradient), the top block's
-        backward and the end of backward (all gradients; with tied embeddings the lookup's dense
-        gradient and its out-of-place sum with the LM head's).
+        The loss (train.loss) computes the logits' gradient in its forward, a chunk of tokens at a time,
+        and the logits are then dropped: so besides the end of forward the candidates are the loss itself
+        (logits + their gradient + one fp32 chunk), the LM head's backward (the logits' gradient next to
+        the head's weight gradient), the top block's backward and the end of backward (all gradients;
+        with tied embeddings the lookup's dense gradient and its out-of-place sum with the LM head's).
         """
         end_forward = self.saved_blocks + self.head_inputs + self.logits + self.weight_casts_forward
-        loss_bwd = (self.saved_blocks + self.head_inputs + self.logits + self.weight_casts_kept
-                    + self.loss_backward)
-        head_bwd = self.saved_blocks + self.head_inputs + 2 * self.logits + self.weight_casts_kept + grads_root
-        top_block = (self.saved_blocks - self.block_input + self.recompute_block + self.logits
-                     + self.weight_casts_kept + grads_root)
-        bottom = grads + self.block_input + self.logits + self.tied_grad_sum * grad_bytes
-        bottom_block = grads + self.recompute_block + self.block_input + self.logits
-        return max(end_forward, loss_bwd, head_bwd, top_block, bottom, bottom_block)
+        loss = self.saved_blocks + self.head_inputs + self.logits + self.weight_casts_kept + self.loss_temps
+        head_bwd = self.saved_blocks + self.head_inputs + self.logits + self.weight_casts_kept + grads_root
+        top_block = (self.saved_blocks - self.block_input + self.recompute_block + self.weight_casts_kept
+                     + grads_root)
+        bottom = grads + self.block_input + self.tied_grad_sum * grad_bytes
+        bottom_block = grads + self.recompute_block + self.block_input
+        return max(end_forward, loss, head_bwd, top_block, bottom, bottom_block)
 
 
 def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act: int, resid: int,
-                     autocast: bool, weight_casts: bool = False) -> ActivationEstimate:
+                     autocast: bool, weight_casts: bool = False, fp16: bool = False) -> ActivationEstimate:
     """Activation bytes of one micro-batch (micro_batch x seq_len tokens) on one device.
 
     none       every block's saved tensors (`block_saved_bytes_per_token`);
     selective  every block keeps its input + matmul/SDPA outputs, backward recomputes the pointwise ops;
     full       every block keeps only its input; backward recomputes one block at a time;
-    plus the head: the logits (compute dtype) and, at cross-entropy's backward, the fp32 log-softmax,
-    its gradient and the logits' fp32 gradient: V-wide tensors that dominate small models.
+    plus the head: the logits (compute dtype), and in the loss their gradient (same dtype; fp32 under
+    fp16) and one chunk of fp32 temporaries (train.loss): V-wide tensors that still dominate small models.
     """
     tokens = micro_batch * seq_len
     h, V, L = s.n_embd, s.vocab_size, s.n_layer
@@ -318,7 +319,8 @@ def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act
         casts_kept = casts_all if ac == "none" else 2.0 * head_w  # checkpointed blocks recompute theirs
         recompute += 2.0 * s.block_params if ac != "none" else 0.0
     return ActivationEstimate(
-        saved_blocks=saved, head_inputs=head_inputs, logits=act * V * tokens, loss_backward=12.0 * V * tokens,
+        saved_blocks=saved, head_inputs=head_inputs, logits=act * V * tokens,
+        loss_temps=(4 if fp16 else act) * V * tokens + 4.0 * V * min(tokens, loss_chunk_tokens(V)),
         recompute_block=recompute, weight_casts_forward=casts_all, weight_casts_kept=casts_kept,
         block_input=block_input if ac != "none" else 0.0,
         tied_grad_sum=2.0 * V * h if s.tie_embeddings else 0.0,
@@ -422,7 +424,7 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
     autocast = low and not a.strategy.startswith("zero")
     resid_b = 4 if (not low or a.strategy in ("single", "ddp")) else 2
     acts = activation_bytes(s, a.micro_batch, a.seq_len, a.ac, act_b, resid_b, autocast,
-                            weight_casts=low and a.strategy in ("single", "ddp"))
+                            weight_casts=low and a.strategy in ("single", "ddp"), fp16=a.precision == "fp16")
 
     unit = max(s.block_params, s.root_params)
     comm = 0.0

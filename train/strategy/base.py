@@ -13,19 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from train.checkpoint import CheckpointError, check_shapes, load_extra, save_extra, torch_load, write_meta
 from train.distributed import DistInfo
+from train.loss import cross_entropy
 from train.optim import build_optimizer, build_scheduler
 from train.parallelize import apply_ac, apply_compile
 from train.precision import Precision
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32. logits [B, T, V], targets [B, T]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def gpt_config_dict(gpt_config) -> dict:
@@ -111,6 +106,7 @@ class Strategy:
             with self.precision.autocast_ctx():
                 logits = self.model(x)  # [B, T, V]
             loss = cross_entropy(logits, y) / self.cfg.train.grad_accum  # normalised once, here
+            del logits  # the loss holds the logits' gradient; the logits themselves are not needed again
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:

@@ -225,6 +225,7 @@ class DeepSpeedStrategy(Strategy):
         self.engine.train()
         logits = self.engine(x)  # [B, T, V]
         loss = cross_entropy(logits, y)
+        del logits  # the loss holds the logits' gradient; the logits themselves are not needed again
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
         if not last:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter

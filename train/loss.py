@@ -1,0 +1,72 @@
+"""Mean token cross-entropy that computes its gradient in the forward pass, a chunk of tokens at a time.
+
+`F.cross_entropy(logits.float(), y)` keeps, per token, the fp32 log-softmax for backward, and backward
+adds its gradient and the logits' gradient: about 16 x vocab bytes per token on top of the logits,
+more than all twelve blocks of GPT-2 at seq 1024 (docs/performance.md). Here each chunk of tokens is
+upcast to fp32, its log-sum-exp taken, and (softmax - one_hot) / n_tokens written straight into a
+gradient buffer in the logits' dtype (the dtype autograd would hand the LM head anyway; fp32 for fp16
+logits, so the loss scale reaches the gradient before it is rounded to fp16). Backward only scales that
+buffer by the incoming gradient (the loss scale, 1 / grad_accum). The caller drops its
+reference to the logits once the loss is computed (nothing else holds them: a linear layer saves its
+input, not its output), so one V-wide tensor per token lives from the loss to the LM head's backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# fp32 elements of one chunk's temporaries (its logits upcast, their exp): 16 M = 64 MiB each
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        n, _v = logits.shape
+        # fp16: the gradient is kept in fp32 until the loss scale has multiplied it (as autograd does),
+        # else (softmax - one_hot) / n would underflow fp16 before the scale could save it
+        grad = torch.empty_like(logits, dtype=grad_dtype(logits.dtype))
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for lo in range(0, n, chunk):
+            z = logits[lo:lo + chunk].to(torch.float32, copy=True)  # [c, V]; the logits stay as they are
+            t = targets[lo:lo + chunk, None]
+            picked = z.gather(1, t).squeeze(1)
+            # log-sum-exp and softmax in place in the one fp32 copy (torch.logsumexp would allocate another)
+            top = z.amax(dim=1, keepdim=True)
+            z.sub_(top).exp_()
+            norm = z.sum(dim=1, keepdim=True)
+            total += (top + norm.log()).squeeze(1).sub_(picked).sum()
+            z.div_(norm).scatter_add_(1, t, torch.full(t.shape, -1.0, device=z.device))
+            grad[lo:lo + chunk] = z.div_(n)
+            del z  # before the next chunk's copy exists
+        ctx.save_for_backward(grad)
+        ctx.logits_dtype = logits.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        # the buffer is used once (the graph is not retained), so it is scaled in place
+        return grad.mul_(grad_out.to(grad.dtype)).to(ctx.logits_dtype), None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [..., V] against targets [...] (every target a valid class), computed
+    in fp32; equals `F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())` up to rounding."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    t = targets.reshape(-1)
+    if t.numel() != flat.shape[0]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
+    if not flat.requires_grad or not torch.is_grad_enabled():
+        return torch.nn.functional.cross_entropy(flat.float(), t)
+    return _FusedCrossEntropy.apply(flat, t, chunk_tokens(flat.shape[1]))
+
+
+def grad_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the logits' gradient between the loss and the LM head's backward."""
+    return torch.float32 if logits_dtype == torch.float16 else logits_dtype
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of the loss: one chunk's fp32 temporaries hold _CHUNK_ELEMENTS numbers."""
+    return max(1, _CHUNK_ELEMENTS // vocab_size)
