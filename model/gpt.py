@@ -258,7 +258,7 @@ class GPT(nn.Module):
         if self.rope_cos is None:
             return
         if device is None:
-            device = _local(self.tok_emb.weight).device
+            device = self.tok_emb.weight.device
         if torch.device(device).type == "meta":
             return
         self.rope_cos, self.rope_sin = rope_tables(self.config, device)
@@ -267,17 +267,27 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Initialise every parameter and rebuild buffers; deterministic given torch's global seed.
 
-        Each parameter draws its full-shape values from its own generator, seeded by `torch.initial_seed()` and
-        the parameter's name, so the result does not depend on parameter order, on wrappers (activation
-        checkpointing, compile) or on the module being whole: a DTensor shard (FSDP2) receives exactly its slice
-        of the single-process init. The global RNG state is not consumed.
-        Weights ~ N(0, init_std); residual output projections (o_proj, down_proj) ~ N(0, init_std / sqrt(2 n_layer));
-        biases 0; norm weights 1 (0 for Gemma's (1 + w) RMSNorm).
+        Each parameter draws its full-shape values in fp32 from its own generator, seeded by `torch.initial_seed()`
+        and the parameter's name, so the result does not depend on parameter order, on wrappers (activation
+        checkpointing, compile) or on the parameter dtype. The global RNG state is not consumed; parameters on
+        `meta` are skipped. Weights ~ N(0, init_std); residual output projections (o_proj, down_proj)
+        ~ N(0, init_std / sqrt(2 n_layer)); biases 0; norm weights 1 (0 for Gemma's (1 + w) RMSNorm).
+
+        Plain tensors only. Each parameter is written by exactly one `fill_(value)` or one `copy_(full)`, so a
+        sharding owner can run this under a torch-function mode that writes each rank's slice instead
+        (train/strategy/sharded_init.py: `replay_init`).
         """
         self.tie_weights()
         base_seed = torch.initial_seed()
         for name, p in self.named_parameters():
-            _init_param(p, _canonical_name(name), self._init_rule(_canonical_name(name)), base_seed)
+            if p.is_meta:  # shapes only: nothing to write
+                continue
+            name = _canonical_name(name)
+            kind, value = self._init_rule(name)
+            if kind == "const":
+                p.fill_(value)
+            else:
+                p.copy_(_normal_draw(p.shape, value, _param_seed(base_seed, name), p.device))
         self.init_buffers()
 
     def _init_rule(self, name: str) -> tuple[str, float]:
@@ -397,7 +407,7 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: to
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-# ---- init helpers (work on plain tensors and on DTensors without importing torch.distributed) ----
+# ---- init helpers ---------------------------------------------------------------------------
 
 
 def _canonical_name(name: str) -> str:
@@ -406,42 +416,12 @@ def _canonical_name(name: str) -> str:
     return name
 
 
-def _local(p: Tensor) -> Tensor:
-    """The local tensor of a DTensor (duck-typed), else p itself."""
-    return p.to_local() if hasattr(p, "to_local") and hasattr(p, "placements") else p
-
-
 def _param_seed(base_seed: int, name: str) -> int:
     return (base_seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def _shard_of(full: Tensor, p: Tensor) -> Tensor:
-    """The slice of the full tensor that DTensor p holds locally (Shard(d) placements split as torch.chunk)."""
-    if not hasattr(p, "placements"):
-        return full
-    out = full
-    mesh = p.device_mesh
-    for mesh_dim, placement in enumerate(p.placements):
-        if placement.is_shard():
-            d, n, r = placement.dim, mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
-            chunks = torch.chunk(out, n, dim=d)
-            out = chunks[r] if r < len(chunks) else out.narrow(d, 0, 0)
-    return out
-
-
-def _init_param(p: Tensor, name: str, rule: tuple[str, float], base_seed: int) -> None:
-    local = _local(p)
-    if local.is_meta:
-        return
-    kind, value = rule
-    if kind == "const":
-        local.fill_(value)
-        return
-    # draw the full shape in fp32 on the local device, so the values don't depend on sharding or param dtype
-    g = torch.Generator(device=local.device)
-    g.manual_seed(_param_seed(base_seed, name))
-    full = torch.empty(p.shape, dtype=torch.float32, device=local.device).normal_(0.0, value, generator=g)
-    shard = _shard_of(full, p)
-    if shard.shape != local.shape:
-        raise RuntimeError(f"cannot place init of {name}: shard {tuple(shard.shape)} vs local {tuple(local.shape)}")
-    local.copy_(shard)
+def _normal_draw(shape: torch.Size, std: float, seed: int, device: torch.device) -> Tensor:
+    """N(0, std) of `shape` in fp32 from a private generator: the same values whatever the parameter's dtype."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return torch.empty(shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=g)

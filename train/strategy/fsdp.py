@@ -3,7 +3,8 @@
 Every transformer block is one FSDP unit (its parameters are all-gathered just before it runs and
 resharded after), the root holds the embeddings, final norm and head. The model is built on the
 `meta` device and sharded before any memory is allocated, so no rank ever holds the full model;
-`init_weights()` then writes each rank's slice of the single-process initialization.
+`replay_init` then runs `init_weights()` so each rank writes its slice of the single-process
+initialization (train/strategy/sharded_init.py).
 
 World size 1 is allowed (a 1-rank process group is created when none exists): it is how a
 checkpoint saved on N ranks is continued on one process, and how the code path is tried on a laptop.

@@ -1,12 +1,20 @@
 """Initialize a sharded model so its weights equal the single-process init for the same seed.
 
-`model.init_weights()` is written for one device: it draws from the global RNG, parameter by
-parameter. On sharded parameters (FSDP2 DTensor shards, DeepSpeed ZeRO-3 partitions) the same
-call would draw only local-size numbers, so the weights would depend on the world size.
-`replay_init` runs `init_weights()` under a torch-function mode that redirects every init op on a
-sharded parameter to a full-size temporary of that one parameter (the global RNG advances exactly
-as in the single-process run), then keeps only the local shard. Peak extra memory is one full
-parameter, never the whole model.
+`GPT.init_weights()` works on plain tensors: each parameter gets a full-size fp32 draw from its own
+generator (seeded by the global seed and the parameter's name), written with one `copy_`, or one
+`fill_` for constants. On sharded parameters (FSDP2 DTensor shards, DeepSpeed ZeRO-3 partitions)
+those writes would fail or touch only an empty placeholder. `replay_init` runs the init under a
+torch-function mode that makes each write land as the single-process one would:
+
+- FSDP2: `copy_(full)` into a DTensor keeps this rank's slice of `full` (`local_shard_of`); `fill_`
+  is DTensor's own (no communication); an in-place random draw on a DTensor (`normal_`, `nn.init.*`:
+  init code that uses the global RNG) is replayed on a full-size temporary whose slice is kept, so
+  the global RNG advances exactly as in the single-process run.
+- ZeRO-3: the first use of a parameter gathers it (releasing the previous one); every rank runs the
+  ops on the whole parameter and rank 0's values are re-partitioned on release.
+
+Peak extra memory is one full parameter, never the whole model. All knowledge of sharded
+parameters lives here: `model/` never sees a DTensor or a DeepSpeed parameter type.
 """
 
 from __future__ import annotations
@@ -67,14 +75,15 @@ class _ReplayInitMode(TorchFunctionMode):
             args = (kwargs.pop("tensor"),)
         target = args[0] if args else None
         if isinstance(target, DTensor) and (func in _OVERWRITE_METHODS or func in _INIT_FUNCS):
-            full = torch.empty(target.shape, dtype=target.dtype)  # one parameter, on CPU
+            full = torch.empty(target.shape, dtype=target.dtype, device=target.device)  # one parameter
             func(full, *args[1:], **kwargs)
             with torch.no_grad():
                 target.to_local().copy_(local_shard_of(full, target))
             return target
         if isinstance(target, DTensor) and func is torch.Tensor.copy_ and not isinstance(args[1], DTensor):
+            full = args[1].expand(target.shape)  # copy_ broadcasts its source; a wrong shape fails here
             with torch.no_grad():
-                target.to_local().copy_(local_shard_of(args[1].to(target.dtype), target))
+                target.to_local().copy_(local_shard_of(full, target))  # copy_ casts to the shard's dtype
             return target
         if _is_ds_param(target):  # any use (shape, .data, in-place op) sees the whole parameter
             # Gather this one parameter (releasing the previous one) and let every rank run the op:
@@ -94,7 +103,8 @@ class _ReplayInitMode(TorchFunctionMode):
 def replay_init(model: nn.Module, init: Callable[[], None] | None = None) -> None:
     """Run `init` (default `model.init_weights`) so sharded parameters get the single-process values.
 
-    All ranks must call it with the same RNG state (same seed); it is collective under ZeRO-3.
+    Plain parameters are written as usual, so it is also right on an unsharded model. All ranks must
+    call it with the same RNG state (same seed); it is collective under ZeRO-3.
     """
     mode = _ReplayInitMode()
     with mode:
