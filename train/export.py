@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import shutil
 import sys
 import warnings
@@ -40,8 +41,11 @@ def _load_torch(ckpt: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file {path} is missing")
     try:  # mmap: tensors are paged in from the file, not copied into RAM up front
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return torch_load(path)  # its one-line error for truncated / garbage files
+    # what mmap refusing a legacy (non-zip) file or a damaged file raises: RuntimeError (zip reader, mmap),
+    # OSError (mmap of a truncated file), UnicodeDecodeError / ValueError, KeyError / IndexError, EOFError,
+    # UnpicklingError (pickle stream)
+    except (RuntimeError, OSError, ValueError, LookupError, EOFError, pickle.UnpicklingError):
+        return torch_load(path)  # loads a legacy file without mmap; one-line error for truncated / garbage files
 
 
 def _load_dcp(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
@@ -49,6 +53,7 @@ def _load_dcp(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
     from model import GPT
+    from train.strategy.fsdp import dcp_failure_line
 
     with torch.device("meta"):
         model = GPT(cfg)
@@ -58,9 +63,9 @@ def _load_dcp(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
-    except Exception as e:
-        msg = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"checkpoint {ckpt}: DCP shards do not fit the model in meta.json ({msg})") from None
+    except dcp.CheckpointException as e:  # a BaseException: every planning / read failure arrives as this
+        raise CheckpointError(f"checkpoint {ckpt}: DCP shards do not fit the model in meta.json "
+                              f"({dcp_failure_line(e)})") from None
     return sd
 
 
@@ -106,12 +111,15 @@ def _run_config(ckpt: Path) -> dict | None:
     path = ckpt.parent.parent / "config.yaml"
     if not path.is_file():
         return None
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return OmegaConf.to_container(OmegaConf.load(path))
-    except Exception:
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException):  # unreadable, not UTF-8, bad YAML
         return None
+    return cfg if isinstance(cfg, dict) else None  # a YAML list is no run config either
 
 
 def write_tokenizer(tokenizer: str, out_dir: Path) -> str | None:

@@ -60,8 +60,9 @@ def load_ds_overrides(path: str) -> dict:
                          f"{e.msg}") from None
     except UnicodeDecodeError:
         raise ValueError(f"strategy.ds_config={path}: not a UTF-8 text file") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"strategy.ds_config={path}: must hold a JSON object, not {type(data).__name__}")
+    if not isinstance(data, dict):  # a bad config value: ValueError is what train.main reports as one line
+        raise ValueError(  # noqa: TRY004
+            f"strategy.ds_config={path}: must hold a JSON object, not {type(data).__name__}")
     return data
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
@@ -81,6 +82,12 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype, 
         reshard = reshard_after_forward and i < len(model.blocks) - 1
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp, offload_policy=offload)
+
+
+def dcp_failure_line(e: CheckpointException) -> str:
+    """The lowest failing rank's own error on one line (`str(e)` is every failing rank's traceback)."""
+    exc, _trace = e.failures[min(e.failures)]
+    return " ".join(str(exc).split())[:300]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -202,9 +209,9 @@ class FSDPStrategy(Strategy):
         state = {"model": model_sd, "optim": optim_sd}
         try:
             dcp.load(state, checkpoint_id=str(ckpt_dir))
-        except Exception as e:  # DCP wraps per-rank failures; keep it to one line
-            msg = " ".join(str(e).split())[:300]
-            raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this model/optimizer ({msg})") from None
+        except CheckpointException as e:  # DCP gathers every rank's failure into this one exception
+            raise CheckpointError(f"checkpoint {ckpt_dir} does not fit this model/optimizer "
+                                  f"({dcp_failure_line(e)})") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         sched = torch_load(ckpt_dir / SCHED_FILE)
         self.scheduler.load_state_dict(sched["scheduler"])

@@ -1,0 +1,108 @@
+"""Checkpoints that do not fit, read by train.export and by strategy=fsdp's resume: DCP's failure (a
+BaseException carrying every rank's traceback) becomes one line naming the tensor; export's model.pt reader
+falls back from mmap for a legacy file and names a truncated one; a run config.yaml that is not a mapping is
+ignored. In-process, one rank, tiny models: about 3 s together."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from model import GPT, GPTConfig
+from train.checkpoint import CheckpointError, write_meta
+
+
+def _config(**overrides) -> GPTConfig:
+    kw = {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 96, "block_size": 16, **overrides}
+    return GPTConfig.from_name("gpt2-tiny", **kw)
+
+
+def _dcp_checkpoint(ckpt: Path, saved: GPTConfig, claimed: GPTConfig) -> None:
+    """A DCP checkpoint of a `saved` model whose meta.json claims `claimed`."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": GPT(saved).state_dict()}, checkpoint_id=str(ckpt), no_dist=True)
+    write_meta(ckpt, format="dcp", step=1, strategy="fsdp", world_size=1, model_config=claimed.to_dict())
+
+
+def test_export_dcp_shards_that_do_not_fit_are_one_line(tmp_path: Path) -> None:
+    from train.export import load_full_state_dict
+
+    ckpt = tmp_path / "step_0000001"
+    _dcp_checkpoint(ckpt, _config(), _config(vocab_size=100))
+    with pytest.raises(CheckpointError) as err:
+        load_full_state_dict(ckpt)
+    assert str(err.value) == (f"checkpoint {ckpt}: DCP shards do not fit the model in meta.json (Size mismatch "
+                              f"between saved torch.Size([96, 32]) and current: torch.Size([100, 32]) for "
+                              f"model.tok_emb.weight)")
+    (ckpt / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"DCP shards do not fit the model in meta\.json \(metadata is None; "
+                                              r"global metadata read failed: \[Errno 2\] No such file") as err:
+        load_full_state_dict(ckpt)
+    assert "\n" not in str(err.value)
+
+
+def test_fsdp_resume_of_shards_that_do_not_fit_is_one_line(tmp_path: Path) -> None:
+    """FSDPStrategy.load at world size 1 (its private 1-rank group) on another model's DCP checkpoint."""
+    from test_sharded import make_cfg
+
+    from train.distributed import DistInfo
+    from train.strategy.fsdp import FSDPStrategy
+
+    ckpt = tmp_path / "step_0000001"
+    _dcp_checkpoint(ckpt, _config(n_embd=64), _config(n_embd=64))
+    created_group = not dist.is_initialized()
+    try:
+        strat = FSDPStrategy(make_cfg(strategy__name="fsdp"), DistInfo())
+        strat.build(_config())
+        with pytest.raises(CheckpointError) as err:
+            strat.load(ckpt)
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+    assert str(err.value) == (f"checkpoint {ckpt} does not fit this model/optimizer (Size mismatch between saved "
+                              f"torch.Size([96, 64]) and current: torch.Size([96, 32]) for model.tok_emb.weight)")
+
+
+def test_export_reads_legacy_model_pt_and_names_a_truncated_one(tmp_path: Path) -> None:
+    from train.export import load_full_state_dict
+
+    cfg = _config()
+    torch.manual_seed(0)
+    sd = GPT(cfg).state_dict()
+    ckpt = tmp_path / "step_0000001"
+    ckpt.mkdir()
+    write_meta(ckpt, format="torch", step=1, strategy="single", world_size=1, model_config=cfg.to_dict())
+    torch.save(sd, ckpt / "model.pt", _use_new_zipfile_serialization=False)  # mmap refuses this format
+    got, meta = load_full_state_dict(ckpt)
+    assert meta["format"] == "torch" and got.keys() == sd.keys()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    torch.save(sd, ckpt / "model.pt")
+    data = (ckpt / "model.pt").read_bytes()
+    (ckpt / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"^checkpoint file {re.escape(str(ckpt / 'model.pt'))} is truncated "
+                                              r"or not a checkpoint \(.+\)$"):
+        load_full_state_dict(ckpt)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("data:\n  tokenizer: cl100k_base\n", {"data": {"tokenizer": "cl100k_base"}}),
+    ("- data\n- tokenizer\n", None),                # a list, not a run config
+    ("data: [gpt2\n", None),                        # malformed YAML
+    ("data:\n\ttokenizer: gpt2\n", None),           # a tab: YAML's scanner refuses it
+    ("3\n", None),                                  # OmegaConf refuses a scalar document
+])
+def test_export_run_config_that_is_not_a_mapping_is_ignored(tmp_path: Path, text: str, want: dict | None) -> None:
+    from train.export import _run_config
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000001"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text(text)
+    assert _run_config(ckpt) == want
