@@ -3,7 +3,7 @@
 `F.cross_entropy(logits.float(), y)` keeps, per token, the fp32 log-softmax for backward, and backward
 adds its gradient and the logits' gradient: about 16 x vocab bytes per token on top of the logits,
 more than all twelve blocks of GPT-2 at seq 1024 (docs/performance.md). Here each chunk of tokens is
-upcast to fp32, its log-sum-exp taken, and (softmax - one_hot) / n_tokens written straight into a
+given an fp32 log-softmax, and (softmax - one_hot) / n_tokens written straight into a
 gradient buffer in the logits' dtype (the dtype autograd would hand the LM head anyway; fp32 for fp16
 logits, so the loss scale reaches the gradient before it is rounded to fp16). Backward only scales that
 buffer by the incoming gradient (the loss scale, 1 / grad_accum). The caller drops its
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-# fp32 elements of one chunk's temporaries (its logits upcast, their exp): 16 M = 64 MiB each
+# fp32 elements of one chunk's log-softmax (and of its upcast logits when they are 16-bit): 16 M = 64 MiB
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -28,17 +28,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits, dtype=grad_dtype(logits.dtype))
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for lo in range(0, n, chunk):
-            z = logits[lo:lo + chunk].to(torch.float32, copy=True)  # [c, V]; the logits stay as they are
             t = targets[lo:lo + chunk, None]
-            picked = z.gather(1, t).squeeze(1)
-            # log-sum-exp and softmax in place in the one fp32 copy (torch.logsumexp would allocate another)
-            top = z.amax(dim=1, keepdim=True)
-            z.sub_(top).exp_()
-            norm = z.sum(dim=1, keepdim=True)
-            total += (top + norm.log()).squeeze(1).sub_(picked).sum()
-            z.div_(norm).scatter_add_(1, t, torch.full(t.shape, -1.0, device=z.device))
-            grad[lo:lo + chunk] = z.div_(n)
-            del z  # before the next chunk's copy exists
+            # fp32 log-softmax of the chunk (16-bit logits are upcast first: a second fp32 chunk)
+            logp = torch.log_softmax(logits[lo:lo + chunk], dim=1, dtype=torch.float32)  # [c, V]
+            total -= logp.gather(1, t).sum()
+            probs = logp.exp_().scatter_add_(1, t, torch.full(t.shape, -1.0, device=logp.device))
+            torch.mul(probs, 1.0 / n, out=grad[lo:lo + chunk])  # (softmax - one_hot) / n, in grad's dtype
+            del logp, probs  # before the next chunk's exist
         ctx.save_for_backward(grad)
         ctx.logits_dtype = logits.dtype
         return total / n
@@ -68,5 +64,5 @@ def grad_dtype(logits_dtype: torch.dtype) -> torch.dtype:
 
 
 def chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk of the loss: one chunk's fp32 temporaries hold _CHUNK_ELEMENTS numbers."""
+    """Tokens per chunk of the loss: one chunk's fp32 log-softmax holds _CHUNK_ELEMENTS numbers."""
     return max(1, _CHUNK_ELEMENTS // vocab_size)

@@ -320,7 +320,8 @@ def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act
         recompute += 2.0 * s.block_params if ac != "none" else 0.0
     return ActivationEstimate(
         saved_blocks=saved, head_inputs=head_inputs, logits=act * V * tokens,
-        loss_temps=(4 if fp16 else act) * V * tokens + 4.0 * V * min(tokens, loss_chunk_tokens(V)),
+        # the logits' gradient + one chunk's fp32 log-softmax (+ the chunk upcast, for 16-bit logits)
+        loss_temps=(4 if fp16 else act) * V * tokens + (4.0 if act == 4 else 8.0) * V * min(tokens, loss_chunk_tokens(V)),
         recompute_block=recompute, weight_casts_forward=casts_all, weight_casts_kept=casts_kept,
         block_input=block_input if ac != "none" else 0.0,
         tied_grad_sum=2.0 * V * h if s.tie_embeddings else 0.0,
