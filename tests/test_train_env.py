@@ -5,7 +5,6 @@ ddp-without-WORLD_SIZE and zero3-without-deepspeed are cases of tests/test_launc
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 from helpers import PYTHON, REPO, TINY, compose, read_metrics, train_env

@@ -73,4 +73,4 @@ def build_strategy(cfg, dist: DistInfo) -> Strategy:
     return klass(cfg, dist)
 
 
-__all__ = ["NEEDS_LAUNCHER", "STRATEGIES", "check_environment", "launched", "SingleStrategy", "Strategy", "build_strategy"]
+__all__ = ["NEEDS_LAUNCHER", "STRATEGIES", "SingleStrategy", "Strategy", "build_strategy", "check_environment", "launched"]
