@@ -111,7 +111,9 @@ def write_meta(ckpt_dir: Path, *, format: str, step: int, strategy: str, world_s
     (Path(ckpt_dir) / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def read_meta(ckpt_dir: str | Path) -> dict:
+def read_meta(ckpt_dir: str | Path, expect_format: str | None = None, reader: str = "") -> dict:
+    """meta.json of a checkpoint; with `expect_format`, a one-line error naming `reader` (e.g.
+    "strategy=fsdp") when the checkpoint was written in another format."""
     path = Path(ckpt_dir) / "meta.json"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt_dir}: meta.json is missing")
@@ -121,6 +123,9 @@ def read_meta(ckpt_dir: str | Path) -> dict:
             meta[key]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {ckpt_dir}: meta.json is unreadable ({type(e).__name__}: {e})") from None
+    if expect_format is not None and meta["format"] != expect_format:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has format {meta['format']!r} (strategy={meta['strategy']}); "
+                              f"{reader} resumes only format {expect_format!r} checkpoints")
     return meta
 
 

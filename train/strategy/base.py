@@ -121,6 +121,7 @@ class Strategy:
     def step(self) -> tuple[torch.Tensor, bool]:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+            self._agree_on_inf()
         norm = self.clip_grad_norm()
         # one host sync per optimizer step (not per micro-step): a non-finite gradient skips the update
         finite = bool(torch.isfinite(norm))
@@ -132,6 +133,10 @@ class Strategy:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach(), not finite
+
+    def _agree_on_inf(self) -> None:
+        """fp16 loss scaling, after unscaling: make every rank's GradScaler see the same inf/nan verdict.
+        Whole gradients (one process, or DDP's all-reduced ones) already agree; sharded ones override."""
 
     @torch.no_grad()
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:

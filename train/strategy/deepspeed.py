@@ -266,10 +266,7 @@ class DeepSpeedStrategy(Strategy):
 
     def load(self, ckpt_dir: Path) -> dict:
         ckpt_dir = Path(ckpt_dir)
-        meta = read_meta(ckpt_dir)
-        if meta["format"] != self.format:
-            raise CheckpointError(f"checkpoint {ckpt_dir} has format {meta['format']!r} (strategy={meta['strategy']}); "
-                                  f"strategy={self.name} resumes only DeepSpeed checkpoints")
+        meta = read_meta(ckpt_dir, self.format, f"strategy={self.name}")
         if meta.get("zero_stage") != self.stage or meta["world_size"] != self.dist.world_size:
             raise CheckpointError(
                 f"checkpoint {ckpt_dir} was saved with ZeRO stage {meta.get('zero_stage')} on {meta['world_size']} "

@@ -159,21 +159,6 @@ class FSDPStrategy(Strategy):
             torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=True)
         return norm
 
-    def step(self) -> tuple[torch.Tensor, bool]:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            self._agree_on_inf()
-        norm = self.clip_grad_norm()
-        finite = bool(torch.isfinite(norm))  # the global norm: every rank decides alike
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # already unscaled; skips by itself on inf/nan
-            self.scaler.update()
-        elif finite:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach(), not finite
-
     def _agree_on_inf(self) -> None:
         """fp16 loss scaling: each rank checked only its own gradient shards for inf/nan; OR the
         flags over the group so every rank skips (and rescales) the same steps."""
@@ -201,10 +186,7 @@ class FSDPStrategy(Strategy):
     def load(self, ckpt_dir: Path) -> dict:
         """Collective: reads a DCP checkpoint saved on any number of ranks (DCP reshards)."""
         ckpt_dir = Path(ckpt_dir)
-        meta = read_meta(ckpt_dir)
-        if meta["format"] != self.format:
-            raise CheckpointError(f"checkpoint {ckpt_dir} has format {meta['format']!r} (strategy={meta['strategy']}); "
-                                  f"strategy=fsdp resumes only format 'dcp' checkpoints (written by strategy=fsdp)")
+        read_meta(ckpt_dir, self.format, f"strategy={self.name}")
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # shapes/shards to load into
         state = {"model": model_sd, "optim": optim_sd}
         try:
