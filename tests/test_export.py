@@ -41,11 +41,17 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path_factory, tmp_pat
         hf_logits = hf(x).logits
         state, meta = load_full_state_dict(src)
         ours = _our_logits(state, meta["model_config"], x)
-        # the oracle: the single-process run's own checkpoint at the same step
-        single_ckpt = ckpt(single_run(tmp_path_factory), 20)
-        oracle = _our_logits(torch_load(single_ckpt / "model.pt"), meta["model_config"], x)
+        # the oracle: the single-process run's own checkpoint at the same step, and the one 10 steps earlier
+        single = single_run(tmp_path_factory)
+        oracle = _our_logits(torch_load(ckpt(single, 20) / "model.pt"), meta["model_config"], x)
+        earlier = _our_logits(torch_load(ckpt(single, 10) / "model.pt"), meta["model_config"], x)
     assert (hf_logits - ours).abs().max().item() < 1e-5  # the conversion is exact
-    assert (hf_logits - oracle).abs().max().item() < 1e-4  # and it is the model trained to step 20
+    # and it is the model trained to step 20. Two ranks reduce in another order than one process; 20 Adam
+    # steps at lr 3e-3 carry those 1e-7 roundings to 1.4e-4 in the logits (measured, fsdp and zero3; the
+    # losses still agree within 1e-5, test_fsdp / test_zero). Step 10's logits are 4.7 away from step 20's,
+    # so 1e-3 still tells a checkpoint one save apart.
+    assert (hf_logits - oracle).abs().max().item() < 1e-3
+    assert (earlier - oracle).abs().max().item() > 1.0
     assert meta["format"] == {"single": "torch", "fsdp": "dcp", "zero3": "deepspeed"}[source]
     # the run's tokenizer travels with it; config.json points at its end-of-text id
     assert (out / "tokenizer.json").is_file()

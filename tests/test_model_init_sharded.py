@@ -63,6 +63,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save({"params": full, "logits": logits, "rng_kept": rng_kept, "drawn": drawn,
                         "rng_after_drawn": rng_after_drawn}, out)
+        # leave together: a rank that tears gloo down while its peer is still busy (rank 0 saving) can
+        # abort in gloo's destructor ("terminate called without an active exception"), seen under load
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

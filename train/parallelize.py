@@ -8,6 +8,7 @@ names -- and therefore checkpoints -- are identical with and without these trans
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 from torch import nn
@@ -62,9 +63,73 @@ def apply_ac(model: nn.Module, mode: str) -> None:
         _checkpoint_forward(block, selective=(mode == "selective"))
 
 
-def apply_compile(model: nn.Module) -> None:
+def _cpp_compiler_problem() -> str | None:
+    """Why TorchInductor would find no working C++ compiler for CPU kernels, or None when it does. Asks
+    Inductor's own search (``torch._inductor.config.cpp.cxx``, else ``$CXX`` / g++), so the answer is
+    the one the first compiled step would get; None as well where that private helper is missing."""
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or whatever a broken toolchain raises
+        cxx = inductor_config.cpp.cxx
+        tried = [c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c]
+        return f"no working C++ compiler (tried {', '.join(tried) or 'none'})"
+    return None
+
+
+def check_compile_supported(device: torch.device | str) -> None:
+    """``train.compile=true`` needs TorchInductor's toolchain for ``device``: a working C++ compiler
+    on CPU; Triton and a GPU of compute capability >= 7.0 on CUDA. Raises ValueError with one line
+    naming what is missing, before anything is compiled (else the first step dies in a long Inductor
+    traceback)."""
+    device = torch.device(device)
+    try:
+        from torch._dynamo.eval_frame import check_if_dynamo_supported
+    except ImportError:  # private: absent in some torch version -> torch.compile reports it itself
+        check_if_dynamo_supported = None
+    if check_if_dynamo_supported is not None:
+        try:
+            check_if_dynamo_supported()  # e.g. a Python version torch.compile does not support yet
+        except RuntimeError as e:
+            raise ValueError(f"train.compile=true is not supported here: {e}; set train.compile=false") from None
+    if device.type == "cpu":
+        problem = _cpp_compiler_problem()
+        if problem is not None:
+            raise ValueError(f"train.compile=true on CPU needs a C++ compiler for TorchInductor's kernels: "
+                             f"{problem}; install one (e.g. apt-get install g++) or point $CXX at it, or set "
+                             f"train.compile=false")
+    elif device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("train.compile=true on CUDA needs Triton (TorchInductor writes Triton kernels) and "
+                             "it is not installed: pip install triton, or set train.compile=false")
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 7:
+            raise ValueError(f"train.compile=true needs a GPU of compute capability >= 7.0 for Triton; "
+                             f"{torch.cuda.get_device_name(device)} is {major}.{minor}: set train.compile=false")
+
+
+def _compute_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live; for a model still on ``meta`` (FSDP2 shards it before
+    materialising) the device a run picks by default: cuda when there is one, else cpu."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != "meta":
+        return param.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def apply_compile(model: nn.Module, device: torch.device | str | None = None) -> None:
     """torch.compile each block in place (smaller graphs than the whole model, same speed-up,
-    and it composes with per-block FSDP)."""
+    and it composes with per-block FSDP).
+
+    The blocks are instances of one class with the same shapes, so they share one compiled graph:
+    Dynamo guards on the type of ``self`` and takes parameters as graph inputs, so the second block
+    reuses the first block's code (no recompile per block). ``device`` (default: where the
+    parameters are) selects the toolchain that ``check_compile_supported`` asks for."""
+    check_compile_supported(device if device is not None else _compute_device(model))
     for block in model.blocks:
         block.compile()
 
