@@ -107,6 +107,7 @@ def test_lost_node_fails_naming_the_rank_then_requeued_job_resumes(slurm_cluster
     cluster.wait_nodes_idle(120)
     if cluster.job_state(job) in ("FAILED", "NODE_FAIL"):
         cluster.requeue(job)
+    cluster.release_requeued(job)
     state = cluster.wait_done(job, 400)
     out = _output(job, tmp_path)
     assert state == "COMPLETED", f"requeued job {job} {state}:\n{out[-5000:]}"

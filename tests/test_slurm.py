@@ -55,6 +55,7 @@ def test_torchrun_sbatch_requeued_job_resumes_with_torchrun_sh_losses(slurm_clus
     run_dir = tmp_path / "runs" / f"slurm-{job}"
     _wait_for_step(run_dir, 3, 300, slurm_cluster, job)
     slurm_cluster.requeue(job)
+    slurm_cluster.release_requeued(job)
     state = slurm_cluster.wait_done(job, 400)
     out = _job_output(slurm_cluster, job, tmp_path)
     assert state == "COMPLETED", f"job {job} {state}:\n{out[-5000:]}"
@@ -82,6 +83,7 @@ def test_deepspeed_sbatch_zero3_preempted_with_usr1_requeues_itself_and_matches(
     run_dir = tmp_path / "runs" / f"slurm-{job}"
     _wait_for_step(run_dir, 3, 300, slurm_cluster, job)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", str(job))
+    slurm_cluster.release_requeued(job)  # the batch script requeues the job itself
     state = slurm_cluster.wait_done(job, 400)
     out = _job_output(slurm_cluster, job, tmp_path)
     assert state == "COMPLETED", f"job {job} {state}:\n{out[-5000:]}"
