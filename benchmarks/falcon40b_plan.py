@@ -41,9 +41,11 @@ def main() -> int:
             best = plan(dataclasses.replace(a, micro_batch=b), shape) if b else one
             m = one.memory_gib
             label = "hsdp/16" if strategy == "hsdp" else strategy
+            # a configuration that does not fit at micro-batch 1 has no "at the largest micro-batch" figures
+            at_max = (f"{best.peak_gib:>9.1f}G{best.step_time_s:>8.2f}{best.comm_time_s:>8.2f}"
+                      f"{best.tokens_per_s:>11,.0f}") if b else f"{'-':>10}{'-':>8}{'-':>8}{'-':>11}"
             print(f"{nodes * 8:>5} {label:<9}{one.peak_gib:>9.1f}G{'yes' if one.fits else 'NO':>6}{b:>7}"
-                  f"{best.peak_gib if b else float('nan'):>9.1f}G{best.step_time_s:>8.2f}{best.comm_time_s:>8.2f}"
-                  f"{best.tokens_per_s if b else 0:>11,.0f}{m['parameters']:>8.1f}{m['gradients']:>7.1f}"
+                  f"{at_max}{m['parameters']:>8.1f}{m['gradients']:>7.1f}"
                   f"{m['optimizer_states']:>7.1f}{m['activations']:>7.1f}{m['communication_buffers']:>7.1f}")
     print("memory columns: GiB per GPU at micro-batch 1; tokens/s for the whole job at the largest micro-batch;\n"
           "hsdp/16: shard groups of 16 GPUs (2 nodes), replicated across groups")
