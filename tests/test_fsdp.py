@@ -122,6 +122,7 @@ def _build_worker(rank: int, world_size: int, port: int, out_dir: str, replicate
     result["bytes"] = strat.local_state_bytes()
     result["single_bytes"] = single.local_state_bytes()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # leave together (gloo can abort a rank that tears down while its peer still works)
     dist.destroy_process_group()
 
 

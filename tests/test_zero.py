@@ -102,6 +102,7 @@ def _zero_worker(rank: int, world_size: int, port: int, out_dir: str, stage: int
     result["max_param_diff"] = diff
     result["bytes"], result["single_bytes"] = strat.local_state_bytes(), single.local_state_bytes()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # leave together (gloo can abort a rank that tears down while its peer still works)
     dist.destroy_process_group()
 
 
