@@ -53,8 +53,9 @@ def _load_dcp(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
     from model import GPT
-    from train.strategy.fsdp import dcp_failure_line
+    from train.strategy.fsdp import check_dcp_files, dcp_failure_line
 
+    check_dcp_files(ckpt)
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")  # fresh storage (tied weights stay tied)

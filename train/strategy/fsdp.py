@@ -84,6 +84,14 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype, 
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp, offload_policy=offload)
 
 
+def check_dcp_files(ckpt_dir: Path) -> None:
+    """One line for a DCP checkpoint without its ``.metadata`` index (what DCP writes last, and what torch
+    versions report differently: "metadata is None", with or without the read error)."""
+    if not (Path(ckpt_dir) / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir}: the DCP index .metadata is missing (an incomplete or "
+                              f"damaged checkpoint; its shards cannot be read without it)")
+
+
 def dcp_failure_line(e: CheckpointException) -> str:
     """The lowest failing rank's own error on one line (`str(e)` is every failing rank's traceback)."""
     exc, _trace = e.failures[min(e.failures)]
@@ -187,6 +195,7 @@ class FSDPStrategy(Strategy):
         """Collective: reads a DCP checkpoint saved on any number of ranks (DCP reshards)."""
         ckpt_dir = Path(ckpt_dir)
         read_meta(ckpt_dir, self.format, f"strategy={self.name}")
+        check_dcp_files(ckpt_dir)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # shapes/shards to load into
         state = {"model": model_sd, "optim": optim_sd}
         try:
