@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,11 @@ def test_bench_json_keys_finite_positive(full_ac_result):
     assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_time_s"])
     assert r["peak_flops_source"] == "measured" and r["peak_memory_kind"] == "peak_rss_minus_baseline"
     assert r["state_bytes"]["params"] == 4 * r["n_params"]
+    # the trainer's CPU malloc tuning is in effect in the bench too (glibc, no allocator chosen by the user)
+    from train.cpu_malloc import _user_chose_allocator
+
+    glibc = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    assert r["cpu_malloc_tuned"] is (glibc and not _user_chose_allocator())
 
 
 def test_bench_flops_equal_model_stats(full_ac_result):

@@ -200,6 +200,8 @@ def run_bench(cfg: Any, steps: int = 10, warmup: int = 3, data: str = "synthetic
         peak_mem, mem_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     else:
         peak_mem, mem_kind = _peak_rss_bytes() - rss_base, "peak_rss_minus_baseline"
+    from train.cpu_malloc import is_tuned
+
     return {
         "model": cfg.model.preset,
         "n_params": counts.total,
@@ -213,6 +215,7 @@ def run_bench(cfg: Any, steps: int = 10, warmup: int = 3, data: str = "synthetic
         "world_size": world,
         "device": _device_name(device),
         "data": data,
+        "cpu_malloc_tuned": is_tuned(),
         "warmup": warmup,
         "steps": steps,
         "step_time_s": step_time,
@@ -277,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
             overrides, opts = split_overrides(argv)
             cfg = compose_config(overrides)
             dist = init_distributed(cfg.train.device, cfg.strategy.backend, cfg.strategy.timeout_s)
+            if dist.device.type == "cpu":  # as the trainer does (train/cpu_malloc.py)
+                from train.cpu_malloc import tune_glibc_malloc
+
+                tune_glibc_malloc()
         except ValueError as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2

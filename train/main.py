@@ -154,6 +154,10 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
             if resume_from is not None:
                 _check_resume_compatible(resume_from, gpt_config)
             dist = init_distributed(cfg.train.device, cfg.strategy.backend, cfg.strategy.timeout_s)
+            if dist.device.type == "cpu":  # before the data workers fork: they inherit it
+                from train.cpu_malloc import tune_glibc_malloc
+
+                tune_glibc_malloc()
             train_loader, val_loader, tok = _build_data(cfg, gpt_config, dist)
         except (ValueError, OSError) as e:  # ConfigError, CheckpointError, DataError, GPTConfig checks
             print(f"error: {_one_line(e)}", file=sys.stderr)
