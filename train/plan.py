@@ -1,15 +1,22 @@
-"""Pre-flight planner: per-GPU memory and step time of model x strategy x nodes x GPUs x AC, before launch.
+"""Pre-flight planner: per-GPU memory and step time of model x parallel dims x nodes x GPUs x AC, before launch.
 
     python -m train.plan model=falcon-40b strategy=fsdp nodes=4 gpus=8 micro_batch=1 seq_len=2048 ac=full
+    python -m train.plan model=falcon-40b tp=8 dp_shard=-1 nodes=4 gpus=8 seq_len=2048 ac=full
     python -m train.plan --model gpt2-124m --strategy ddp --json
+
+Parallel dims are the trainer's `parallel.*` group: tp, dp_shard (-1 = the rest of the world),
+dp_replicate and pp (reserved: 1), with tp x pp x dp_replicate x dp_shard = nodes x gpus; `strategy`
+stays a shorthand (ddp = dp_replicate, fsdp = dp_shard, hsdp = both, zero* = DeepSpeed over the
+data-parallel dims, never with tp). docs/parallelism.md says how to pick them.
 
 Every figure is an analytic estimate from the model's shape (built on the `meta` device: free for 40B)
 and the strategy's storage rules; docs/performance.md states each rule and how it was validated
 against measured peaks (benchmarks/plan_vs_measured.py).
 
 Memory model (bytes on one GPU at the step's peak):
-  parameters, gradients, optimizer states  the storage of each strategy (table in `_state_bytes_per_param`),
-                                           divided by the shard group where the strategy shards it;
+  parameters, gradients, optimizer states  the storage of each strategy (table in `_state_bytes_per_param`)
+                                           of one tensor-parallel rank's parameters (`tp_split`), divided
+                                           by the shard group where the strategy shards it (dp_shard);
   activations                              what autograd saves per token per block for our Block
                                            (counted tensor by tensor, Korthikanti et al. 2022 style
                                            but without the T x T score matrix: SDPA/flash recomputes
@@ -33,7 +40,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from train.loss import chunk_tokens as loss_chunk_tokens
 from train.metrics import GPU_DATASHEETS
@@ -80,6 +87,11 @@ class PlanArgs:
     intra_node_gbps: float = 300.0  # GB/s a GPU sustains in an intra-node collective (NVLink busbw)
     inter_node_gbps: float = 50.0  # GB/s per GPU across nodes (one 400 Gb/s NIC per GPU)
     hsdp_shard: int = 0  # hsdp: GPUs in one shard group (0 = one node); replicas = nodes * gpus / hsdp_shard
+    # the trainer's parallel.* dims; None = what `strategy` implies (see `resolve_dims`)
+    tp: int = 1  # tensor (+ sequence) parallel degree: contiguous ranks, inside a node when it fits
+    pp: int = 1  # pipeline parallel degree: reserved, only 1 is accepted until pipeline parallelism lands
+    dp_replicate: int | None = None  # data-parallel replicas (DDP, or the replicated dim of HSDP)
+    dp_shard: int | None = None  # FSDP2 shard group size; -1 = the rest of the world
     optimizer: str = "fused"  # AdamW kernel: fused (no step temporaries) | foreach | forloop (torch's CPU default)
     ddp_bucket_view: bool = False  # DDP(gradient_as_bucket_view=True) shares buckets with the gradients
 
@@ -90,7 +102,7 @@ class PlanArgs:
         _choice("precision", self.precision, PRECISIONS)
         _choice("ac", self.ac, AC_MODES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        for name in ("nodes", "gpus", "micro_batch", "grad_accum", "seq_len"):
+        for name in ("nodes", "gpus", "micro_batch", "grad_accum", "seq_len", "tp", "pp"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
@@ -114,8 +126,7 @@ class PlanArgs:
                                    and (self.nodes * self.gpus) % self.hsdp_shard):
             raise ValueError(f"hsdp_shard={self.hsdp_shard} must divide the {self.nodes * self.gpus} GPUs "
                              "(0 = one node)")
-        if self.strategy == "single" and self.nodes * self.gpus != 1:
-            raise ValueError(f"strategy=single runs on one device, got nodes={self.nodes} gpus={self.gpus}")
+        resolve_dims(self)
         if self.offload != "none" and self.strategy in ("single", "ddp"):
             raise ValueError(f"offload={self.offload} needs a sharded strategy (fsdp, hsdp, zero1-3), not {self.strategy}")
         if self.offload == "params" and self.strategy in ("zero1", "zero2"):
@@ -130,6 +141,97 @@ class PlanArgs:
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+# ---- parallel dims ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Resolved parallel degrees, mesh order (pp, dp_replicate, dp_shard, tp): tp innermost = contiguous ranks."""
+
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks (model replicas that see different samples)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    def as_dict(self) -> dict[str, int]:
+        return {"tp": self.tp, "pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard}
+
+
+def resolve_dims(a: PlanArgs) -> Dims:
+    """The parallel dims of `a`: explicit dims override what `strategy` implies; one-line ValueError when they
+    contradict the strategy or do not multiply to nodes x gpus.
+
+    Shorthands (N = the GPUs left after tp x pp): single = no data parallelism; ddp = dp_replicate=N;
+    fsdp = dp_shard=N (with an explicit dp_replicate > 1 it is HSDP); hsdp = dp_shard=one node's worth
+    (hsdp_shard GPUs when given) x dp_replicate=the rest; zero1-3 = DeepSpeed over dp_shard=N (data
+    parallel only: no tp).
+    """
+    world = a.nodes * a.gpus
+    tp, pp = a.tp, a.pp
+    if pp != 1:
+        raise ValueError(f"pp={pp}: pipeline parallelism is not implemented yet; pp must be 1")
+    if a.strategy.startswith("zero") and tp > 1:
+        raise ValueError(f"strategy={a.strategy} is DeepSpeed data parallelism and cannot combine with tp={tp}; "
+                         f"use the native FSDP2 with tp (strategy=fsdp dp_shard=-1 tp={tp})")
+    for name in ("dp_replicate", "dp_shard"):
+        v = getattr(a, name)
+        lowest = -1 if name == "dp_shard" else 1
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lowest or v == 0):
+            allowed = "a positive integer or -1 (the rest of the world)" if name == "dp_shard" else "a positive integer"
+            raise ValueError(f"{name}={v!r} must be {allowed}")
+    rep_, shard = a.dp_replicate, a.dp_shard
+    if a.strategy == "single":
+        if (rep_ or 1) != 1 or (shard or 1) != 1:
+            raise ValueError(f"strategy=single has no data parallelism; got dp_replicate={rep_} dp_shard={shard} "
+                             "(use ddp, fsdp or hsdp)")
+        if world != tp * pp:
+            raise ValueError(f"strategy=single has no data parallelism: nodes x gpus = {world} GPUs must equal "
+                             f"tp x pp = {tp * pp} (got nodes={a.nodes} gpus={a.gpus})")
+        return Dims(pp=pp, dp_replicate=1, dp_shard=1, tp=tp)
+    if a.strategy == "ddp":
+        if shard not in (None, 1):
+            raise ValueError(f"strategy=ddp replicates the whole model; dp_shard={shard} needs strategy=fsdp or hsdp")
+        shard, rep_ = 1, (-1 if rep_ is None else rep_)
+    elif a.strategy.startswith("zero"):
+        if rep_ not in (None, 1):
+            raise ValueError(f"strategy={a.strategy} partitions over all data-parallel ranks; dp_replicate={rep_} "
+                             "must be 1 (strategy=hsdp shards inside replicas)")
+        rep_, shard = 1, (-1 if shard is None else shard)
+    elif a.strategy == "hsdp":
+        if a.hsdp_shard and shard is not None and shard != a.hsdp_shard:
+            raise ValueError(f"hsdp_shard={a.hsdp_shard} and dp_shard={shard} disagree; give one (dp_shard)")
+        if shard is None:
+            shard = a.hsdp_shard or max(1, a.gpus // tp)  # one node's worth of TP groups
+        rep_ = -1 if rep_ is None else rep_
+    else:  # fsdp
+        rep_, shard = (1 if rep_ is None else rep_), (-1 if shard is None else shard)
+    known = tp * pp * (rep_ if rep_ > 0 else 1) * (shard if shard > 0 else 1)
+    if rep_ < 0 or shard < 0:  # exactly one of them is "the rest"
+        if world % known:
+            fixed = f"dp_replicate={rep_}" if rep_ > 0 else f"dp_shard={shard}"
+            rest = "dp_shard" if shard < 0 else "dp_replicate"
+            raise ValueError(f"tp={tp} x pp={pp} x {fixed} = {known} GPUs does not divide nodes x gpus = "
+                             f"{a.nodes} x {a.gpus} = {world} ({rest} takes the rest)")
+        if rep_ < 0:
+            rep_ = world // known
+        else:
+            shard = world // known
+    dims = Dims(pp=pp, dp_replicate=rep_, dp_shard=shard, tp=tp)
+    if dims.world != world:
+        raise ValueError(f"tp={tp} x pp={pp} x dp_replicate={rep_} x dp_shard={shard} = {dims.world} GPUs, "
+                         f"but nodes x gpus = {a.nodes} x {a.gpus} = {world}")
+    return dims
 
 
 # ---- model shape ------------------------------------------------------------------------------
@@ -161,6 +263,11 @@ class ModelShape:
     parallel_residual: bool
     shared_attn_norm: bool
     tie_embeddings: bool
+    n_kv_head: int = 0
+    # (name, shape) of every parameter of one block and of the root (tied: once, as tok_emb.weight); what
+    # `tp_split` shards
+    block_tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    root_tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 def model_shape(name: str, seq_len: int, **overrides: Any) -> ModelShape:
@@ -178,6 +285,8 @@ def model_shape(name: str, seq_len: int, **overrides: Any) -> ModelShape:
         gpt = GPT(cfg)
     unique = {id(p): p for p in gpt.parameters()}.values()
     block = sum(p.numel() for p in gpt.blocks[0].parameters())
+    block_tensors = tuple((n, tuple(p.shape)) for n, p in gpt.blocks[0].named_parameters())
+    root_tensors = tuple((n, tuple(p.shape)) for n, p in gpt.named_parameters() if not n.startswith("blocks."))
     counts = count_params(cfg)
     return ModelShape(
         name=name, n_params=counts.total, n_params_non_embedding=counts.non_embedding, block_params=block,
@@ -186,7 +295,94 @@ def model_shape(name: str, seq_len: int, **overrides: Any) -> ModelShape:
         n_head=cfg.n_head, head_dim=cfg.head_dim, q_dim=cfg.q_dim, kv_dim=cfg.kv_dim, ffn_hidden=cfg.ffn_hidden,
         vocab_size=cfg.vocab_size, mlp=cfg.mlp, norm=cfg.norm, norm_offset=cfg.norm_offset, pos=cfg.pos,
         parallel_residual=cfg.parallel_residual, shared_attn_norm=cfg.shared_attn_norm,
-        tie_embeddings=cfg.tie_embeddings,
+        tie_embeddings=cfg.tie_embeddings, n_kv_head=cfg.n_kv_head, block_tensors=block_tensors,
+        root_tensors=root_tensors,
+    )
+
+
+# ---- tensor parallelism -----------------------------------------------------------------------
+
+# the trainer's TP plan (Megatron / torchtitan): these Linears are split by output features (heads, FFN
+# columns), these by input features; the embedding and the LM head by vocabulary rows; the rest is replicated
+_COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROWWISE = ("o_proj", "down_proj")
+_VOCAB = ("tok_emb", "lm_head")
+
+
+def tp_shard_dim(name: str, kv_replicated: bool) -> int | None:
+    """The dimension tensor parallelism splits parameter `name` on, None where every TP rank holds it whole
+    (norms, the row-wise layers' biases, learned positions, and K/V projections when tp does not divide n_kv_head)."""
+    module, kind = name.split(".")[-2:]
+    if module in ("k_proj", "v_proj") and kv_replicated:
+        return None
+    if module in _COLWISE or module in _VOCAB:
+        return 0  # colwise weight [out, in] and its bias; embedding / LM head [V, C]
+    if module in _ROWWISE:
+        return 1 if kind == "weight" else None  # the bias is added once, after the reduction
+    return None
+
+
+def _chunk(n: int, parts: int, rank: int) -> int:
+    """Rows `rank` holds when n rows are split in `parts` (DTensor's torch.chunk rule: ceil-sized, last smaller)."""
+    size = -(-n // parts)
+    return max(0, min(size, n - rank * size))
+
+
+@dataclass(frozen=True)
+class TPSplit:
+    """Parameter counts under tensor parallelism of degree `tp` (tp=1: the whole model)."""
+
+    tp: int
+    kv_replicated: bool  # tp does not divide n_kv_head: K/V projections whole on every TP rank
+    sharded: int  # model parameters split over the TP group (each counted once)
+    replicated: int  # model parameters every TP rank holds whole; sharded + replicated = n_params
+    per_rank: tuple[int, ...]  # local parameters of each TP rank
+    local: int  # the largest rank's (rank 0: uneven splits give it the ceil)
+    local_block: int  # one block on that rank (an FSDP unit)
+    local_root: int  # embeddings + final norm + untied LM head on that rank
+    local_non_embedding: int  # its share of model.stats' N (every matmul parameter)
+    local_largest: int  # its biggest tensor
+    vocab_local: int  # LM-head rows (vocabulary entries) on that rank
+
+
+def tp_split(s: ModelShape, tp: int) -> TPSplit:
+    """Split of `s` over `tp` ranks; ValueError when tp does not fit the heads."""
+    if s.n_head % tp:
+        raise ValueError(f"tp={tp} must divide n_head={s.n_head} of {s.name} (attention heads are split over TP ranks)")
+    if s.n_kv_head % tp and tp % s.n_kv_head:
+        raise ValueError(f"tp={tp} must divide n_kv_head={s.n_kv_head} of {s.name} or be a multiple of it "
+                         "(then the K/V projections are replicated)")
+    kv_replicated = s.n_kv_head % tp != 0
+    sharded = replicated = 0
+    per_rank = [0] * tp
+    block_local = [0] * tp
+    lookup_local = [0] * tp  # the input lookup tables (not in N): untied token embedding, learned positions
+    largest = 0
+    for tensors, times, in_block in ((s.block_tensors, s.n_layer, True), (s.root_tensors, 1, False)):
+        for name, shape in tensors:
+            numel = 1
+            for d in shape:
+                numel *= d
+            dim = tp_shard_dim(name, kv_replicated) if tp > 1 else None
+            for r in range(tp):
+                local = numel if dim is None else numel // shape[dim] * _chunk(shape[dim], tp, r)
+                per_rank[r] += times * local
+                if in_block:
+                    block_local[r] += local
+                is_lookup = name == "pos_emb.weight" or (name == "tok_emb.weight" and not s.tie_embeddings)
+                if is_lookup:
+                    lookup_local[r] += local
+                if r == 0:
+                    largest = max(largest, local)
+            if dim is None:
+                replicated += times * numel
+            else:
+                sharded += times * numel
+    return TPSplit(
+        tp=tp, kv_replicated=kv_replicated, sharded=sharded, replicated=replicated, per_rank=tuple(per_rank),
+        local=per_rank[0], local_block=block_local[0], local_root=per_rank[0] - s.n_layer * block_local[0],
+        local_non_embedding=per_rank[0] - lookup_local[0], local_largest=largest,
+        vocab_local=_chunk(s.vocab_size, tp, 0),
     )
 
 
@@ -212,7 +408,13 @@ def _norm_output_is_fp32(s: ModelShape, resid: int, autocast: bool) -> bool:
     return resid == 4 or (autocast and s.norm == "layernorm")
 
 
-def block_saved_bytes_per_token(s: ModelShape, act: int, resid: int, autocast: bool, micro_batch: int) -> float:
+def _kv_width(s: ModelShape, tp: int, kv_replicated: bool) -> float:
+    """Width of one rank's K (or V) projection output: split with the heads, or whole when replicated."""
+    return s.kv_dim if kv_replicated else s.kv_dim / tp
+
+
+def block_saved_bytes_per_token(s: ModelShape, act: int, resid: int, autocast: bool, micro_batch: int,
+                                tp: int = 1, kv_replicated: bool = False) -> float:
     """Bytes autograd keeps per token for one Block's backward (no checkpointing), weight casts excluded.
 
     `act` = bytes of a compute-dtype element, `resid` = bytes of the residual stream (fp32 under
@@ -229,30 +431,44 @@ def block_saved_bytes_per_token(s: ModelShape, act: int, resid: int, autocast: b
       MLP       gelu: up output (saved by gelu) + gelu output (saved by down);
                 gated: gate, act(gate), up, act(gate) * up
     Dropout is taken as 0 (all presets); p > 0 adds masks and disables flash attention.
+
+    Per token of the micro-batch, on one of `tp` tensor-parallel ranks with sequence parallelism (torch's
+    SequenceParallel norms + PrepareModuleInput(Replicate) on attention and MLP + colwise/rowwise Linears):
+    the norms run on T/tp tokens (their bytes / tp); each branch (attention, MLP) all-gathers its input to
+    the full sequence and its Linears save that [B, T, C] tensor (whole: not divided; one gathered copy per
+    branch, so Falcon-7B's shared norm output is saved twice); SDPA and the MLP run on n_head/tp heads and
+    ffn/tp columns (/ tp; K/V whole when replicated); the RoPE tables cover the full sequence.
     """
     h, f = s.n_embd, s.ffn_hidden
     n_norms = 1 if (s.parallel_residual and s.shared_attn_norm) else 2
     norm_in, norm_other, norm_copy = _norm_bytes(s, resid, autocast)
     n_inputs = 1 if (s.parallel_residual and not norm_copy) else n_norms
-    total = n_inputs * norm_in + n_norms * norm_other
+    total = (n_inputs * norm_in + n_norms * norm_other) / tp  # sequence parallel: T/tp tokens per rank
     gated = s.mlp != "gelu"
     if autocast and act != 4 and _norm_output_is_fp32(s, resid, autocast):
         total += act * h * (3 + (2 if gated else 1))  # one cast per linear
     else:
-        total += act * h * n_norms
-    total += act * (s.q_dim + 2 * s.kv_dim + s.q_dim) + 4 * s.n_head
+        total += act * h * (2 if tp > 1 else n_norms)  # TP: each branch saves its own all-gathered input
+    kv = _kv_width(s, tp, kv_replicated)
+    total += act * (s.q_dim / tp + 2 * kv + s.q_dim / tp) + 4 * s.n_head / tp
     if s.pos == "rope" and act != 4:
         total += 4 * act * s.head_dim / micro_batch
-    total += act * f * (4 if gated else 2)
+    total += act * f * (4 if gated else 2) / tp
     return float(total)
 
 
-def block_selective_bytes_per_token(s: ModelShape, act: int, resid: int) -> float:
+def block_selective_bytes_per_token(s: ModelShape, act: int, resid: int, tp: int = 1,
+                                    kv_replicated: bool = False) -> float:
     """Bytes per token one Block holds under train.parallelize's op-level selective AC: its input plus
-    the outputs of every matmul (q, k, v, o, up/gate, down) and of SDPA (output + log-sum-exp)."""
+    the outputs of every matmul (q, k, v, o, up/gate, down) and of SDPA (output + log-sum-exp).
+
+    Under TP + SP: the input is a sequence shard (/ tp), the colwise outputs and SDPA are split by heads
+    and columns (/ tp), and the row-wise matmuls' outputs are the full-sequence partial sums before their
+    reduce-scatter (whole)."""
     h, f = s.n_embd, s.ffn_hidden
-    mm = s.q_dim + 2 * s.kv_dim + h + (2 if s.mlp != "gelu" else 1) * f + h
-    return float(resid * h + act * mm + act * s.q_dim + 4 * s.n_head)
+    kv = _kv_width(s, tp, kv_replicated)
+    mm = s.q_dim / tp + 2 * kv + h + (2 if s.mlp != "gelu" else 1) * f / tp + h
+    return float(resid * h / tp + act * mm + act * s.q_dim / tp + 4 * s.n_head / tp)
 
 
 @dataclass
@@ -289,7 +505,8 @@ class ActivationEstimate:
 
 
 def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act: int, resid: int,
-                     autocast: bool, weight_casts: bool = False, fp16: bool = False) -> ActivationEstimate:
+                     autocast: bool, weight_casts: bool = False, fp16: bool = False,
+                     split: TPSplit | None = None) -> ActivationEstimate:
     """Activation bytes of one micro-batch (micro_batch x seq_len tokens) on one device.
 
     none       every block's saved tensors (`block_saved_bytes_per_token`);
@@ -297,27 +514,36 @@ def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act
     full       every block keeps only its input; backward recomputes one block at a time;
     plus the head: the logits (compute dtype), and in the loss their gradient (same dtype; fp32 under
     fp16) and one chunk of fp32 temporaries (train.loss): V-wide tensors that still dominate small models.
+
+    With a tensor-parallel `split` (sequence parallel between blocks): block inputs and the final norm are
+    sequence shards (/ tp), the LM head saves its all-gathered full-sequence input, and the logits, their
+    gradient and the loss chunks are vocabulary shards [B, T, V/tp] (the loss runs on the shards).
     """
+    split = split or TPSplit(tp=1, kv_replicated=False, sharded=0, replicated=s.n_params, per_rank=(s.n_params,),
+                             local=s.n_params, local_block=s.block_params, local_root=s.root_params,
+                             local_non_embedding=s.n_params_non_embedding, local_largest=s.largest_param,
+                             vocab_local=s.vocab_size)
+    tp, kv_rep = split.tp, split.kv_replicated
     tokens = micro_batch * seq_len
-    h, V, L = s.n_embd, s.vocab_size, s.n_layer
-    per_block = block_saved_bytes_per_token(s, act, resid, autocast, micro_batch) * tokens
-    block_input = resid * h * tokens
+    h, V, L = s.n_embd, split.vocab_local, s.n_layer
+    per_block = block_saved_bytes_per_token(s, act, resid, autocast, micro_batch, tp, kv_rep) * tokens
+    block_input = resid * h * tokens / tp
     if ac == "none":
         saved, recompute = L * per_block, 0.0
     elif ac == "full":
         saved, recompute = L * block_input, per_block
     elif ac == "selective":
-        saved, recompute = L * block_selective_bytes_per_token(s, act, resid) * tokens, per_block
+        saved, recompute = L * block_selective_bytes_per_token(s, act, resid, tp, kv_rep) * tokens, per_block
     else:
         raise ValueError(f"ac={ac!r} is not allowed; choose one of: {', '.join(AC_MODES)}")
     norm_in, norm_other, _ = _norm_bytes(s, resid, autocast)
-    head_inputs = (8 + norm_in + norm_other + act * h) * tokens
+    head_inputs = (8 + (norm_in + norm_other) / tp + act * h) * tokens
     casts_all = casts_kept = 0.0
     if weight_casts:  # autocast over fp32 parameters
-        casts_all = 2.0 * s.n_params_non_embedding  # every matmul weight, cached for the forward
+        casts_all = 2.0 * split.local_non_embedding  # every matmul weight, cached for the forward
         head_w = V * h
         casts_kept = casts_all if ac == "none" else 2.0 * head_w  # checkpointed blocks recompute theirs
-        recompute += 2.0 * s.block_params if ac != "none" else 0.0
+        recompute += 2.0 * split.local_block if ac != "none" else 0.0
     return ActivationEstimate(
         saved_blocks=saved, head_inputs=head_inputs, logits=act * V * tokens,
         # the logits' gradient + one chunk's fp32 log-softmax (+ the chunk upcast, for 16-bit logits)
@@ -358,9 +584,10 @@ def _state_bytes_per_param(strategy: str, precision: str) -> dict[str, float]:
     return {"params": 4.0, "grads": 4.0, "optimizer": 8.0}
 
 
-def _shard_factors(a: PlanArgs) -> dict[str, int]:
-    world = a.nodes * a.gpus
-    shard = (a.hsdp_shard or a.gpus) if a.strategy == "hsdp" else world
+def _shard_factors(a: PlanArgs, d: Dims) -> dict[str, int]:
+    """What each state is divided by: FSDP2 shards over dp_shard only (HSDP replicates over dp_replicate);
+    DeepSpeed partitions over all data-parallel ranks (dp_replicate is 1 for zero*)."""
+    shard, world = d.dp_shard, d.dp
     return {
         "single": {"params": 1, "grads": 1, "optimizer": 1},
         "ddp": {"params": 1, "grads": 1, "optimizer": 1},
@@ -380,6 +607,7 @@ class Plan:
     args: dict[str, Any]
     model: dict[str, Any]
     world_size: int
+    dims: dict[str, int]  # resolved tp, pp, dp_replicate, dp_shard
     memory_gib: dict[str, float]  # per-GPU breakdown
     peak_gib: float  # allocated peak + fragmentation margin + context
     capacity_gib: float
@@ -390,7 +618,8 @@ class Plan:
     hfu_flops_per_token: float
     step_time_s: float
     compute_time_s: float
-    comm_time_s: float
+    comm_time_s: float  # data-parallel collectives, overlapped with compute
+    tp_comm_time_s: float  # tensor-parallel collectives, on the critical path (added to the step)
     tokens_per_step: int
     tokens_per_s: float
     peak_tflops: float
@@ -398,14 +627,20 @@ class Plan:
 
 
 def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, float]:
-    """(per-device breakdown in bytes, allocated peak bytes, CPU-offloaded bytes per device)."""
+    """(per-device breakdown in bytes, allocated peak bytes, CPU-offloaded bytes per device).
+
+    Under tensor parallelism every state is counted on one TP rank's parameters (`tp_split`: sharded
+    matrices / tp, replicated norms, biases and K/V whole) before the data-parallel sharding.
+    """
+    d = resolve_dims(a)
+    split = tp_split(s, d.tp)
     per = _state_bytes_per_param(a.strategy, a.precision)
-    shard = _shard_factors(a)
-    N = s.n_params
+    shard = _shard_factors(a, d)
+    N = split.local
     params = N * per["params"] / shard["params"]
     grads = N * per["grads"] / shard["grads"]
     optim = N * per["optimizer"] / shard["optimizer"]
-    grads_root = s.root_params * per["grads"] / shard["grads"]
+    grads_root = split.local_root * per["grads"] / shard["grads"]
     offloaded = 0.0
     if a.offload == "optimizer":  # DeepSpeed ZeRO-Offload: master + m + v on CPU, the step runs there
         offloaded += optim
@@ -425,9 +660,10 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
     autocast = low and not a.strategy.startswith("zero")
     resid_b = 4 if (not low or a.strategy in ("single", "ddp")) else 2
     acts = activation_bytes(s, a.micro_batch, a.seq_len, a.ac, act_b, resid_b, autocast,
-                            weight_casts=low and a.strategy in ("single", "ddp"), fp16=a.precision == "fp16")
+                            weight_casts=low and a.strategy in ("single", "ddp"), fp16=a.precision == "fp16",
+                            split=split)
 
-    unit = max(s.block_params, s.root_params)
+    unit = max(split.local_block, split.local_root)
     comm = 0.0
     if a.strategy == "ddp" and not a.ddp_bucket_view:
         comm = N * per["grads"]  # the reducer's buckets hold a second copy of every gradient
@@ -446,7 +682,7 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
     elif a.optimizer == "foreach":  # one list of sqrt(v) over the whole (sharded) parameter group
         opt_temp = 4.0 * N / shard["optimizer"]
     else:  # for-loop AdamW: sqrt(v) and its scaled copy for one tensor at a time
-        opt_temp = 2 * 4.0 * s.largest_param / shard["optimizer"]
+        opt_temp = 2 * 4.0 * split.local_largest / shard["optimizer"]
 
     if a.strategy.startswith("zero"):
         # DeepSpeed keeps its gradient partitions allocated between steps
@@ -476,6 +712,8 @@ def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
     """Answer one planning question (validates `a` first)."""
     a.validate()
     s = shape or model_shape(a.model, a.seq_len)
+    d = resolve_dims(a)
+    split = tp_split(s, d.tp)
     breakdown, allocated, offloaded = memory_bytes(a, s)
     margin = a.frag * allocated
     context = a.context_gb * GIB
@@ -484,13 +722,17 @@ def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
 
     world = a.nodes * a.gpus
     peak_tf = a.peak_tflops if a.peak_tflops is not None else GPU_PEAK_TFLOPS[a.gpu][a.precision]
-    tokens_gpu = a.micro_batch * a.grad_accum * a.seq_len
+    tokens_replica = a.micro_batch * a.grad_accum * a.seq_len  # per data-parallel rank (one TP group)
     model_flops = s.flops_per_token
     hw_flops = model_flops + recompute_flops_per_token(s, a.seq_len, a.ac)
-    # `mfu` is what the kernels achieve on the model's FLOPs without AC; recompute costs time on top
-    compute = tokens_gpu * hw_flops / (peak_tf * 1e12 * a.mfu)
-    comm = _comm_time(a, s)
-    step = max(compute, comm)  # communication overlaps compute (FSDP prefetch, DDP/ZeRO buckets)
+    # `mfu` is what the kernels achieve on the model's FLOPs without AC; recompute costs time on top;
+    # a TP group shares each token's FLOPs (heads and FFN columns split tp ways)
+    compute = tokens_replica * hw_flops / d.tp / (peak_tf * 1e12 * a.mfu)
+    comm = _comm_time(a, s, d, split)
+    tp_comm = _tp_comm_time(a, s, d, split)
+    # data-parallel traffic overlaps compute (FSDP prefetch, DDP/ZeRO buckets); TP's collectives sit between
+    # the matmuls that need their results, so they add to the step
+    step = max(compute, comm) + tp_comm
     b_max = max_micro_batch(a, s)
 
     assumptions = [
@@ -504,13 +746,28 @@ def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
         ("activations: SDPA/flash attention (no T x T matrix stored); selective AC = op-level (matmul and "
         "attention outputs saved, pointwise ops recomputed)"),
     ]
+    if d.tp > 1:
+        kv = ("K/V projections replicated on every TP rank (tp does not divide n_kv_head), gradients summed "
+              "over the group" if split.kv_replicated else "K/V projections split by heads")
+        assumptions += [
+            (f"tp={d.tp} with sequence parallel (torch's SequenceParallel + PrepareModuleInput(Replicate)): "
+             "q/k/v/gate/up colwise, o/down rowwise, embedding and LM head split over the vocabulary, the loss "
+             "on vocabulary shards (logits [B, T, V/tp]); norms, residual and block inputs on T/tp tokens; "
+             f"each branch's Linears save the all-gathered [B, T, C] input; {kv}"),
+            (f"TP traffic not overlapped: per block and micro-batch 2 all-gathers + 2 reduce-scatters of "
+             f"[B, T, C] in the compute dtype forward, the same in backward and again in AC's recompute, plus "
+             f"the embedding's and LM head's; over {'NVLink' if _tp_in_node(a, d) else 'the inter-node network'}"),
+        ]
     return Plan(
         args=dataclasses.asdict(a),
         model={
             "name": s.name, "n_params": s.n_params, "n_params_non_embedding": s.n_params_non_embedding,
-            "block_params": s.block_params, "root_params": s.root_params,
+            "block_params": split.local_block, "root_params": split.local_root,
+            "tp_local_params": split.local, "tp_sharded_params": split.sharded,
+            "tp_replicated_params": split.replicated, "kv_replicated": split.kv_replicated,
         },
         world_size=world,
+        dims=d.as_dict(),
         memory_gib={**{k: v / GIB for k, v in breakdown.items()}, "fragmentation_margin": margin / GIB,
                     "cuda_context": context / GIB, "allocated_peak": allocated / GIB},
         peak_gib=peak / GIB,
@@ -523,37 +780,77 @@ def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
         step_time_s=step,
         compute_time_s=compute,
         comm_time_s=comm,
-        tokens_per_step=tokens_gpu * world,
-        tokens_per_s=tokens_gpu * world / step,
+        tp_comm_time_s=tp_comm,
+        tokens_per_step=tokens_replica * d.dp,
+        tokens_per_s=tokens_replica * d.dp / step,
         peak_tflops=peak_tf,
         assumptions=assumptions,
     )
 
 
-def _comm_time(a: PlanArgs, s: ModelShape) -> float:
-    """Seconds of collective traffic per optimizer step (ring algorithms: (n-1)/n of the data)."""
-    world = a.nodes * a.gpus
-    if world == 1:
+def _bandwidth(a: PlanArgs, span: int) -> float:
+    """Bytes/s of a collective over a group whose ranks span `span` consecutive GPUs (a mesh dim times the
+    dims inside it): NVLink when that fits in one node, else the per-GPU inter-node bandwidth."""
+    in_node = span <= a.gpus and a.gpus % span == 0
+    return (a.intra_node_gbps if in_node else a.inter_node_gbps) * 1e9
+
+
+def _tp_in_node(a: PlanArgs, d: Dims) -> bool:
+    return d.tp <= a.gpus and a.gpus % d.tp == 0
+
+
+def _comm_time(a: PlanArgs, s: ModelShape, d: Dims, split: TPSplit) -> float:
+    """Seconds of data-parallel collective traffic per optimizer step (ring algorithms: (n-1)/n of the data),
+    on one TP rank's parameters (`split.local`) over the data-parallel groups of the mesh."""
+    if d.dp == 1:
         return 0.0
-    bw = (a.intra_node_gbps if a.nodes == 1 else a.inter_node_gbps) * 1e9
-    N = s.n_params
+    N = split.local
     low = a.precision != "fp32"
     pb, gb = (2 if low else 4), 4  # gathered parameter dtype; gradients reduced in fp32
-    frac = (world - 1) / world
-    if a.strategy == "ddp":
-        return 2 * N * gb * frac / bw  # one all-reduce = reduce-scatter + all-gather
-    if a.strategy in ("fsdp", "zero3"):
-        gathers = 2 * a.grad_accum  # forward + backward all-gather per micro-batch
-        return (gathers * N * pb + N * gb) * frac / bw
-    if a.strategy == "hsdp":
-        g = a.hsdp_shard or a.gpus  # shard group: all-gather / reduce-scatter inside it
-        r = world // g  # replicas: all-reduce of the gradient shards across them
-        bw_shard = (a.intra_node_gbps if g <= a.gpus else a.inter_node_gbps) * 1e9
-        intra = (2 * a.grad_accum * N * pb + N * gb) * (g - 1) / g / bw_shard if g > 1 else 0.0
-        inter = 2 * (N * gb / g) * (r - 1) / r / (a.inter_node_gbps * 1e9) if r > 1 else 0.0
-        return intra + inter
+    if a.strategy == "ddp":  # one all-reduce = reduce-scatter + all-gather, over dp_replicate
+        r = d.dp_replicate
+        return 2 * N * gb * (r - 1) / r / _bandwidth(a, d.tp * r)
+    if a.strategy == "zero3":
+        g = d.dp
+        return (2 * a.grad_accum * N * pb + N * gb) * (g - 1) / g / _bandwidth(a, d.tp * g)
+    if a.strategy in ("fsdp", "hsdp"):
+        # all-gather (forward + backward per micro-batch) and reduce-scatter inside the dp_shard group, then
+        # (HSDP) an all-reduce of the gradient shards across the dp_replicate replicas
+        g, r = d.dp_shard, d.dp_replicate
+        shard = (2 * a.grad_accum * N * pb + N * gb) * (g - 1) / g / _bandwidth(a, d.tp * g) if g > 1 else 0.0
+        replicas = 2 * (N * gb / g) * (r - 1) / r / _bandwidth(a, d.tp * g * r) if r > 1 else 0.0
+        return shard + replicas
     # zero1 / zero2: reduce-scatter gradients, all-gather updated parameters
+    frac = (d.dp - 1) / d.dp
+    bw = _bandwidth(a, d.tp * d.dp)
     return (N * 2 + N * 2) * frac / bw if low else (N * gb + N * 4) * frac / bw
+
+
+def tp_collectives_per_micro_batch(s: ModelShape, ac: str) -> int:
+    """Collectives of one [B, T, C] activation per micro-batch under TP + sequence parallel.
+
+    Per block: forward all-gathers the attention and MLP inputs and reduce-scatters their outputs (4); backward
+    runs the transposes (4); full or selective AC re-runs the forward's (4: the gathered inputs and the
+    reduce-scattered outputs are not kept). Plus the embedding (reduce-scatter forward, all-gather backward)
+    and the LM head's input (all-gather forward, reduce-scatter backward). Without sequence parallel the pairs
+    would be all-reduces: the same bytes.
+    """
+    per_block = 8 + (4 if ac != "none" else 0)
+    return s.n_layer * per_block + 4
+
+
+def _tp_comm_time(a: PlanArgs, s: ModelShape, d: Dims, split: TPSplit) -> float:
+    """Seconds of tensor-parallel collectives per optimizer step (not overlapped with compute)."""
+    if d.tp == 1:
+        return 0.0
+    act_b = 2 if a.precision != "fp32" else 4
+    frac = (d.tp - 1) / d.tp
+    activation = a.micro_batch * a.seq_len * s.n_embd * act_b  # one [B, T, C] in the compute dtype
+    traffic = a.grad_accum * tp_collectives_per_micro_batch(s, a.ac) * activation * frac
+    # once per step: gradients of the replicated parameters (norms, row-wise biases, MQA's K/V) all-reduced
+    # over the TP group (each rank saw only its tokens or heads)
+    traffic += 2 * split.replicated * 4 * frac
+    return traffic / _bandwidth(a, d.tp)
 
 
 def max_micro_batch(a: PlanArgs, s: ModelShape, limit: int = 1 << 16) -> int:
@@ -578,11 +875,19 @@ def max_micro_batch(a: PlanArgs, s: ModelShape, limit: int = 1 << 16) -> int:
 # ---- CLI --------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so a bad option is one `error:` line like any bad value."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m train.plan",
-        description="Per-GPU memory and step-time estimate for model x strategy x nodes x GPUs x AC. "
-        "Every option is accepted as --key value or key=value (like the trainer's overrides).",
+        description="Per-GPU memory and step-time estimate for model x parallel dims x nodes x GPUs x AC. "
+        "Every option is accepted as --key value or key=value (like the trainer's overrides; the trainer's "
+        "parallel.tp=2 form too).",
     )
     d = PlanArgs()
     p.add_argument("--model", default=d.model, help="model preset (model/config.py PRESETS)")
@@ -591,9 +896,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=d.nodes)
     p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per node")
     p.add_argument("--gpu_mem_gb", type=float, default=d.gpu_mem_gb, help="memory per GPU, GiB")
-    p.add_argument("--micro_batch", type=int, default=d.micro_batch, help="sequences per GPU per micro-step")
+    p.add_argument("--micro_batch", type=int, default=d.micro_batch,
+                   help="sequences per data-parallel rank (one TP group) per micro-step")
     p.add_argument("--grad_accum", type=int, default=d.grad_accum)
     p.add_argument("--hsdp_shard", type=int, default=d.hsdp_shard, help="hsdp: GPUs per shard group (0: one node)")
+    p.add_argument("--tp", type=int, default=d.tp, help="tensor (+ sequence) parallel degree")
+    p.add_argument("--pp", type=int, default=d.pp, help="pipeline parallel degree (reserved: 1)")
+    p.add_argument("--dp_replicate", type=int, default=None, help="data-parallel replicas (default: from --strategy)")
+    p.add_argument("--dp_shard", type=int, default=None,
+                   help="FSDP2 shard group size, -1 = the rest of the world (default: from --strategy)")
     p.add_argument("--seq_len", type=int, default=d.seq_len)
     p.add_argument("--precision", default=d.precision, help=f"one of {', '.join(PRECISIONS)}")
     p.add_argument("--ac", default=d.ac, help=f"activation checkpointing: one of {', '.join(AC_MODES)}")
@@ -610,16 +921,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _option(key: str) -> str:
+    """gpu-mem-gb -> gpu_mem_gb; the trainer's parallel.dp_shard -> dp_shard."""
+    key = key.replace("-", "_")
+    return key.removeprefix("parallel.")
+
+
 def _normalize_argv(argv: Sequence[str]) -> list[str]:
-    """key=value -> --key=value (dashes and dots in keys become underscores, e.g. gpu-mem-gb)."""
+    """key=value -> --key=value (dashes in keys become underscores, e.g. gpu-mem-gb; a `parallel.` prefix
+    is dropped, so the trainer's parallel.tp=2 works)."""
     out = []
     for tok in argv:
         if not tok.startswith("-") and "=" in tok:
             k, v = tok.split("=", 1)
-            out.append(f"--{k.replace('-', '_')}={v}")
+            out.append(f"--{_option(k)}={v}")
         elif tok.startswith("--") and not tok.startswith("--help"):
             k, eq, v = tok[2:].partition("=")
-            out.append(f"--{k.replace('-', '_')}{eq}{v}")
+            out.append(f"--{_option(k)}{eq}{v}")
         else:
             out.append(tok)
     return out
@@ -637,9 +955,11 @@ def format_plan(p: Plan) -> str:
     m = p.model
     lines = [
         (f"{m['name']}: {m['n_params'] / 1e9:.3f} B params ({m['n_params_non_embedding'] / 1e9:.3f} B non-embedding), "
-        f"largest FSDP unit {max(m['block_params'], m['root_params']) / 1e6:.1f} M"),
-        (f"{a['strategy']} (offload={a['offload']}) on {a['nodes']} x {a['gpus']} GPUs = {p.world_size}; "
-        f"micro_batch={a['micro_batch']} grad_accum={a['grad_accum']} seq_len={a['seq_len']} "
+        f"largest FSDP unit {max(m['block_params'], m['root_params']) / 1e6:.1f} M"
+        + (f"; {m['tp_local_params'] / 1e9:.3f} B on each of {p.dims['tp']} TP ranks" if p.dims["tp"] > 1 else "")),
+        (f"{a['strategy']} (offload={a['offload']}) on {a['nodes']} x {a['gpus']} GPUs = {p.world_size}: "
+        + " x ".join(f"{k}={v}" for k, v in p.dims.items())),
+        (f"micro_batch={a['micro_batch']} grad_accum={a['grad_accum']} seq_len={a['seq_len']} "
         f"precision={a['precision']} ac={a['ac']}"),
         "",
         f"{'per-GPU memory':<28}{'GiB':>10}",
@@ -658,7 +978,8 @@ def format_plan(p: Plan) -> str:
     lines += [
         "",
         f"FLOPs/token {p.flops_per_token / 1e9:.2f} G (model), {p.hfu_flops_per_token / 1e9:.2f} G (hardware, with AC)",
-        (f"step: {p.step_time_s:.3f} s (compute {p.compute_time_s:.3f} s, communication {p.comm_time_s:.3f} s), "
+        (f"step: {p.step_time_s:.3f} s (compute {p.compute_time_s:.3f} s, data-parallel communication "
+        f"{p.comm_time_s:.3f} s overlapped, tensor-parallel communication {p.tp_comm_time_s:.3f} s added), "
         f"{p.tokens_per_step} tokens/step, {p.tokens_per_s:,.0f} tokens/s"),
         "",
         "assumptions:",
