@@ -17,66 +17,9 @@ import pytest
 from slurm_cluster import JOB_CFG, LAUNCH, REPO, launch_env
 
 SLURM = LAUNCH / "slurm"
-HAS_ZERO3 = (REPO / "train" / "strategy" / "deepspeed.py").is_file()
 
 
-# ---------------------------------------------------------------- the Falcon-40B examples
-
-
-def _sbatch_parts(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
-    """(#SBATCH options, Hydra override lines, other code lines) of an sbatch script."""
-    opts, overrides, code = {}, [], []
-    lines = path.read_text().splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("#SBATCH"):
-            key, _, val = line.split()[1].partition("=")
-            opts[key] = val
-        elif line.startswith("set -- "):  # the overrides: one statement, maybe continued with '\'
-            while lines[i].endswith("\\"):
-                overrides.append(lines[i])
-                i += 1
-            overrides.append(lines[i])
-        elif line.strip() and not line.lstrip().startswith("#"):
-            code.append(line)
-        i += 1
-    return opts, overrides, code
-
-
-@pytest.mark.parametrize("example,generic", [("falcon-40b-fsdp.sbatch", "torchrun.sbatch"),
-                                             ("falcon-40b-zero3.sbatch", "deepspeed.sbatch")])
-def test_falcon_examples_are_the_tested_scripts_but_counts_and_overrides(example, generic):
-    ex_opts, ex_over, ex_code = _sbatch_parts(SLURM / example)
-    gen_opts, gen_over, gen_code = _sbatch_parts(SLURM / generic)
-    assert ex_code == gen_code, "the example's code differs from the script the tests run"
-    assert gen_over == [] and ex_over, "only the example adds Hydra overrides"
-    # the same options; only counts / names / times differ, plus the GPUs the example asks for
-    assert set(ex_opts) - set(gen_opts) == {"--gpus-per-node", "--time"}
-    assert set(gen_opts) <= set(ex_opts)
-    for key in gen_opts:
-        if key not in ("--nodes", "--job-name", "--signal"):
-            assert ex_opts[key] == gen_opts[key], key
-    assert ex_opts["--nodes"] == "8" and ex_opts["--gpus-per-node"] == "8"
-
-
-@pytest.mark.parametrize("example", ["falcon-40b-fsdp.sbatch", "falcon-40b-zero3.sbatch"])
-def test_falcon_example_overrides_compose(example):
-    """The example's overrides are a valid config (composed and type-checked, not run)."""
-    import shlex
-
-    from helpers import compose
-
-    _, over, _ = _sbatch_parts(SLURM / example)
-    words = shlex.split(" ".join(line.rstrip("\\") for line in over))
-    assert words[:2] == ["set", "--"] and words[-1] == "$@"
-    cfg = compose(*words[2:-1])
-    assert cfg.model.preset == "falcon-40b" and cfg.precision.name == "bf16"
-    assert cfg.train.activation_checkpointing == "full"
-    if "fsdp" in example:
-        assert cfg.strategy.name == "fsdp" and cfg.strategy.replicate_degree == 8
-    else:
-        assert cfg.strategy.name == "zero3"
+# The Falcon-40B examples (and every other sbatch script / experiment) are checked in test_examples.py.
 
 
 # ---------------------------------------------------------------- the bad-input table
