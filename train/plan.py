@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -148,12 +149,15 @@ def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
 
 @dataclass(frozen=True)
 class Dims:
-    """Resolved parallel degrees, mesh order (pp, dp_replicate, dp_shard, tp): tp innermost = contiguous ranks."""
+    """Resolved parallel degrees, mesh order (pp, dp_replicate, dp_shard, tp): tp innermost = contiguous ranks;
+    `engine` is what holds the data-parallel state: single (none), ddp, fsdp / hsdp (FSDP2, HSDP when
+    dp_replicate > 1), zero1-3 (DeepSpeed)."""
 
     pp: int
     dp_replicate: int
     dp_shard: int
     tp: int
+    engine: str
 
     @property
     def dp(self) -> int:
@@ -169,69 +173,60 @@ class Dims:
 
 
 def resolve_dims(a: PlanArgs) -> Dims:
-    """The parallel dims of `a`: explicit dims override what `strategy` implies; one-line ValueError when they
-    contradict the strategy or do not multiply to nodes x gpus.
+    """The parallel dims of `a` as the trainer resolves `parallel.*` (train/parallel/dims.py): dims left
+    at None are filled in by the strategy shorthand; one-line ValueError when they do not multiply to
+    nodes x gpus.
 
-    Shorthands (N = the GPUs left after tp x pp): single = no data parallelism; ddp = dp_replicate=N;
-    fsdp = dp_shard=N (with an explicit dp_replicate > 1 it is HSDP); hsdp = dp_shard=one node's worth
-    (hsdp_shard GPUs when given) x dp_replicate=the rest; zero1-3 = DeepSpeed over dp_shard=N (data
-    parallel only: no tp).
+    Shorthands: single = dp_shard=-1 (only with explicit dims: alone it is one GPU); ddp = dp_replicate=-1;
+    fsdp = dp_shard=-1; hsdp = dp_shard=one node's TP groups (hsdp_shard GPUs when given) x dp_replicate=-1;
+    zero1-3 = DeepSpeed over dp_shard=-1 (data parallel only: no tp). -1 = the rest of the world. The
+    native engine is FSDP2 when strategy is fsdp/hsdp, dp_shard > 1, or tp > 1 with replicas (DDP cannot
+    hold TP's DTensor parameters); else DDP when dp_replicate > 1; else none.
     """
     world = a.nodes * a.gpus
     tp, pp = a.tp, a.pp
     if pp != 1:
         raise ValueError(f"pp={pp}: pipeline parallelism is not implemented yet; pp must be 1")
+    for name in ("dp_replicate", "dp_shard"):
+        v = getattr(a, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < -1 or v == 0):
+            raise ValueError(f"{name}={v!r} must be an integer >= 1, or -1 for the rest of the world")
     if a.strategy.startswith("zero") and tp > 1:
         raise ValueError(f"strategy={a.strategy} is DeepSpeed data parallelism and cannot combine with tp={tp}; "
                          f"use the native FSDP2 with tp (strategy=fsdp dp_shard=-1 tp={tp})")
-    for name in ("dp_replicate", "dp_shard"):
-        v = getattr(a, name)
-        lowest = -1 if name == "dp_shard" else 1
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lowest or v == 0):
-            allowed = "a positive integer or -1 (the rest of the world)" if name == "dp_shard" else "a positive integer"
-            raise ValueError(f"{name}={v!r} must be {allowed}")
-    rep_, shard = a.dp_replicate, a.dp_shard
-    if a.strategy == "single":
-        if (rep_ or 1) != 1 or (shard or 1) != 1:
-            raise ValueError(f"strategy=single has no data parallelism; got dp_replicate={rep_} dp_shard={shard} "
-                             "(use ddp, fsdp or hsdp)")
-        if world != tp * pp:
-            raise ValueError(f"strategy=single has no data parallelism: nodes x gpus = {world} GPUs must equal "
-                             f"tp x pp = {tp * pp} (got nodes={a.nodes} gpus={a.gpus})")
-        return Dims(pp=pp, dp_replicate=1, dp_shard=1, tp=tp)
-    if a.strategy == "ddp":
-        if shard not in (None, 1):
-            raise ValueError(f"strategy=ddp replicates the whole model; dp_shard={shard} needs strategy=fsdp or hsdp")
-        shard, rep_ = 1, (-1 if rep_ is None else rep_)
-    elif a.strategy.startswith("zero"):
-        if rep_ not in (None, 1):
-            raise ValueError(f"strategy={a.strategy} partitions over all data-parallel ranks; dp_replicate={rep_} "
-                             "must be 1 (strategy=hsdp shards inside replicas)")
-        rep_, shard = 1, (-1 if shard is None else shard)
-    elif a.strategy == "hsdp":
-        if a.hsdp_shard and shard is not None and shard != a.hsdp_shard:
-            raise ValueError(f"hsdp_shard={a.hsdp_shard} and dp_shard={shard} disagree; give one (dp_shard)")
-        if shard is None:
-            shard = a.hsdp_shard or max(1, a.gpus // tp)  # one node's worth of TP groups
-        rep_ = -1 if rep_ is None else rep_
-    else:  # fsdp
-        rep_, shard = (1 if rep_ is None else rep_), (-1 if shard is None else shard)
-    known = tp * pp * (rep_ if rep_ > 0 else 1) * (shard if shard > 0 else 1)
-    if rep_ < 0 or shard < 0:  # exactly one of them is "the rest"
-        if world % known:
-            fixed = f"dp_replicate={rep_}" if rep_ > 0 else f"dp_shard={shard}"
-            rest = "dp_shard" if shard < 0 else "dp_replicate"
-            raise ValueError(f"tp={tp} x pp={pp} x {fixed} = {known} GPUs does not divide nodes x gpus = "
-                             f"{a.nodes} x {a.gpus} = {world} ({rest} takes the rest)")
-        if rep_ < 0:
-            rep_ = world // known
-        else:
-            shard = world // known
-    dims = Dims(pp=pp, dp_replicate=rep_, dp_shard=shard, tp=tp)
-    if dims.world != world:
-        raise ValueError(f"tp={tp} x pp={pp} x dp_replicate={rep_} x dp_shard={shard} = {dims.world} GPUs, "
+    explicit = a.dp_replicate is not None or a.dp_shard is not None or tp > 1
+    if a.strategy == "single" and not explicit and world != 1:
+        raise ValueError(f"strategy=single runs on one GPU but nodes x gpus = {a.nodes} x {a.gpus} = {world}; use "
+                         "strategy=ddp|fsdp|hsdp|zero1|zero2|zero3, or set dims (e.g. tp=2)")
+    if a.strategy == "hsdp" and a.hsdp_shard and a.dp_shard is not None and a.dp_shard != a.hsdp_shard:
+        raise ValueError(f"hsdp_shard={a.hsdp_shard} and dp_shard={a.dp_shard} disagree; give one (dp_shard)")
+    defaults = {"ddp": (-1, 1), "hsdp": (-1, a.hsdp_shard or max(1, a.gpus // tp))}.get(a.strategy, (1, -1))
+    rep_ = a.dp_replicate if a.dp_replicate is not None else defaults[0]
+    shard = a.dp_shard if a.dp_shard is not None else defaults[1]
+    if rep_ == -1 and shard == -1:
+        raise ValueError("dp_replicate=-1 and dp_shard=-1: at most one dim can take the rest of the world")
+    fixed = tp * pp * max(rep_, 1) * max(shard, 1)
+    if -1 in (rep_, shard):
+        if world % fixed:
+            rest = "dp_shard" if shard == -1 else "dp_replicate"
+            raise ValueError(f"tp={tp} x pp={pp} x {_fixed_dp(rep_, shard)} = {fixed} GPUs does not divide nodes x "
+                             f"gpus = {a.nodes} x {a.gpus} = {world} ({rest}=-1 takes the rest)")
+        rep_, shard = (world // fixed, shard) if rep_ == -1 else (rep_, world // fixed)
+    product = tp * pp * rep_ * shard
+    if product != world:
+        raise ValueError(f"tp={tp} x pp={pp} x dp_replicate={rep_} x dp_shard={shard} = {product} GPUs, "
                          f"but nodes x gpus = {a.nodes} x {a.gpus} = {world}")
-    return dims
+    if a.strategy.startswith("zero"):
+        engine = a.strategy
+    elif shard > 1 or a.strategy in ("fsdp", "hsdp") or (tp > 1 and rep_ > 1):
+        engine = "hsdp" if rep_ > 1 else "fsdp"
+    else:
+        engine = "ddp" if rep_ > 1 else "single"
+    return Dims(pp=pp, dp_replicate=rep_, dp_shard=shard, tp=tp, engine=engine)
+
+
+def _fixed_dp(rep_: int, shard: int) -> str:
+    return f"dp_replicate={rep_}" if rep_ != -1 else f"dp_shard={shard}"
 
 
 # ---- model shape ------------------------------------------------------------------------------
@@ -408,9 +403,14 @@ def _norm_output_is_fp32(s: ModelShape, resid: int, autocast: bool) -> bool:
     return resid == 4 or (autocast and s.norm == "layernorm")
 
 
-def _kv_width(s: ModelShape, tp: int, kv_replicated: bool) -> float:
-    """Width of one rank's K (or V) projection output: split with the heads, or whole when replicated."""
-    return s.kv_dim if kv_replicated else s.kv_dim / tp
+def _kv_widths(s: ModelShape, tp: int, kv_replicated: bool) -> tuple[float, float]:
+    """Widths of the K and V that SDPA saves on one TP rank. Split K/V: kv_dim / tp each. Replicated K/V
+    (train/parallel/tp.py ReplicatedKVParallel): each rank computes them whole and keeps the one K/V head its
+    query heads read, as a view of the whole output; V is saved as that view (its whole storage stays alive),
+    K is rebuilt by RoPE as a fresh one-head tensor (without RoPE it stays a view too)."""
+    if not kv_replicated:
+        return s.kv_dim / tp, s.kv_dim / tp
+    return (s.head_dim if s.pos == "rope" else s.kv_dim), s.kv_dim
 
 
 def block_saved_bytes_per_token(s: ModelShape, act: int, resid: int, autocast: bool, micro_batch: int,
@@ -449,8 +449,8 @@ def block_saved_bytes_per_token(s: ModelShape, act: int, resid: int, autocast: b
         total += act * h * (3 + (2 if gated else 1))  # one cast per linear
     else:
         total += act * h * (2 if tp > 1 else n_norms)  # TP: each branch saves its own all-gathered input
-    kv = _kv_width(s, tp, kv_replicated)
-    total += act * (s.q_dim / tp + 2 * kv + s.q_dim / tp) + 4 * s.n_head / tp
+    k_w, v_w = _kv_widths(s, tp, kv_replicated)
+    total += act * (s.q_dim / tp + k_w + v_w + s.q_dim / tp) + 4 * s.n_head / tp
     if s.pos == "rope" and act != 4:
         total += 4 * act * s.head_dim / micro_batch
     total += act * f * (4 if gated else 2) / tp
@@ -466,7 +466,8 @@ def block_selective_bytes_per_token(s: ModelShape, act: int, resid: int, tp: int
     and columns (/ tp), and the row-wise matmuls' outputs are the full-sequence partial sums before their
     reduce-scatter (whole)."""
     h, f = s.n_embd, s.ffn_hidden
-    kv = _kv_width(s, tp, kv_replicated)
+    # the K/V matmul outputs are whole on every rank when replicated
+    kv = s.kv_dim if kv_replicated else s.kv_dim / tp
     mm = s.q_dim / tp + 2 * kv + h + (2 if s.mlp != "gelu" else 1) * f / tp + h
     return float(resid * h / tp + act * mm + act * s.q_dim / tp + 4 * s.n_head / tp)
 
@@ -516,8 +517,11 @@ def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act
     fp16) and one chunk of fp32 temporaries (train.loss): V-wide tensors that still dominate small models.
 
     With a tensor-parallel `split` (sequence parallel between blocks): block inputs and the final norm are
-    sequence shards (/ tp), the LM head saves its all-gathered full-sequence input, and the logits, their
-    gradient and the loss chunks are vocabulary shards [B, T, V/tp] (the loss runs on the shards).
+    sequence shards (/ tp), the LM head saves its all-gathered full-sequence input, and the logits and their
+    gradient are vocabulary shards [B, T, V/tp]. The loss is `F.cross_entropy(logits.float())` under
+    `loss_parallel` (train/parallel/engine.py): not chunked, it keeps fp32 temporaries over the whole shard,
+    counted as 12 bytes per local vocabulary entry per token beside the logits (the fp32 copy, the shifted
+    logits and their exp in forward; the saved log-softmax, the NLL's and the log-softmax's gradients in backward).
     """
     split = split or TPSplit(tp=1, kv_replicated=False, sharded=0, replicated=s.n_params, per_rank=(s.n_params,),
                              local=s.n_params, local_block=s.block_params, local_root=s.root_params,
@@ -544,10 +548,13 @@ def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act
         head_w = V * h
         casts_kept = casts_all if ac == "none" else 2.0 * head_w  # checkpointed blocks recompute theirs
         recompute += 2.0 * split.local_block if ac != "none" else 0.0
+    if tp > 1:  # loss_parallel over the whole vocabulary shard, fp32
+        loss_temps = 12.0 * V * tokens
+    else:  # train.loss: the logits' gradient + one chunk's fp32 log-softmax (+ the chunk upcast, for 16-bit logits)
+        loss_temps = (4 if fp16 else act) * V * tokens + (4.0 if act == 4 else 8.0) * V * min(tokens, loss_chunk_tokens(V))
     return ActivationEstimate(
         saved_blocks=saved, head_inputs=head_inputs, logits=act * V * tokens,
-        # the logits' gradient + one chunk's fp32 log-softmax (+ the chunk upcast, for 16-bit logits)
-        loss_temps=(4 if fp16 else act) * V * tokens + (4.0 if act == 4 else 8.0) * V * min(tokens, loss_chunk_tokens(V)),
+        loss_temps=loss_temps,
         recompute_block=recompute, weight_casts_forward=casts_all, weight_casts_kept=casts_kept,
         block_input=block_input if ac != "none" else 0.0,
         tied_grad_sum=2.0 * V * h if s.tie_embeddings else 0.0,
@@ -584,7 +591,7 @@ def _state_bytes_per_param(strategy: str, precision: str) -> dict[str, float]:
     return {"params": 4.0, "grads": 4.0, "optimizer": 8.0}
 
 
-def _shard_factors(a: PlanArgs, d: Dims) -> dict[str, int]:
+def _shard_factors(engine: str, d: Dims) -> dict[str, int]:
     """What each state is divided by: FSDP2 shards over dp_shard only (HSDP replicates over dp_replicate);
     DeepSpeed partitions over all data-parallel ranks (dp_replicate is 1 for zero*)."""
     shard, world = d.dp_shard, d.dp
@@ -596,7 +603,7 @@ def _shard_factors(a: PlanArgs, d: Dims) -> dict[str, int]:
         "zero1": {"params": 1, "grads": 1, "optimizer": world},
         "zero2": {"params": 1, "grads": world, "optimizer": world},
         "zero3": {"params": world, "grads": world, "optimizer": world},
-    }[a.strategy]
+    }[engine]
 
 
 # ---- the plan ---------------------------------------------------------------------------------
@@ -634,8 +641,9 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
     """
     d = resolve_dims(a)
     split = tp_split(s, d.tp)
-    per = _state_bytes_per_param(a.strategy, a.precision)
-    shard = _shard_factors(a, d)
+    engine = d.engine
+    per = _state_bytes_per_param(engine, a.precision)
+    shard = _shard_factors(engine, d)
     N = split.local
     params = N * per["params"] / shard["params"]
     grads = N * per["grads"] / shard["grads"]
@@ -646,7 +654,7 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
         offloaded += optim
         optim = 0.0
     if a.offload == "params":
-        if a.strategy in ("fsdp", "hsdp"):  # FSDP2 CPUOffloadPolicy: sharded params, grads, optimizer on CPU
+        if engine in ("fsdp", "hsdp"):  # FSDP2 CPUOffloadPolicy: sharded params, grads, optimizer on CPU
             offloaded += params + grads + optim
             params = grads = grads_root = optim = 0.0
         else:  # ZeRO-3 offload_param + offload_optimizer
@@ -657,23 +665,23 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
     act_b = 2 if low else 4
     # the trainer autocasts single/DDP/FSDP; FSDP2's MixedPrecisionPolicy and DeepSpeed also cast the
     # parameters, so their residual stream is 16-bit, while single/DDP keep it fp32
-    autocast = low and not a.strategy.startswith("zero")
-    resid_b = 4 if (not low or a.strategy in ("single", "ddp")) else 2
+    autocast = low and not engine.startswith("zero")
+    resid_b = 4 if (not low or engine in ("single", "ddp")) else 2
     acts = activation_bytes(s, a.micro_batch, a.seq_len, a.ac, act_b, resid_b, autocast,
-                            weight_casts=low and a.strategy in ("single", "ddp"), fp16=a.precision == "fp16",
+                            weight_casts=low and engine in ("single", "ddp"), fp16=a.precision == "fp16",
                             split=split)
 
     unit = max(split.local_block, split.local_root)
     comm = 0.0
-    if a.strategy == "ddp" and not a.ddp_bucket_view:
+    if engine == "ddp" and not a.ddp_bucket_view:
         comm = N * per["grads"]  # the reducer's buckets hold a second copy of every gradient
-    elif a.strategy in ("fsdp", "hsdp"):
+    elif engine in ("fsdp", "hsdp"):
         # all-gather output of the current unit and the prefetched next one (compute dtype), plus the
         # unit's unsharded gradient waiting for reduce-scatter (fp32 reduce)
         comm = 2 * unit * act_b + unit * 4
-    elif a.strategy in ("zero1", "zero2"):
+    elif engine in ("zero1", "zero2"):
         comm = min(DS_REDUCE_BUCKET, N) * per["grads"] + min(DS_ALLGATHER_BUCKET, N) * per["params"]
-    elif a.strategy == "zero3":
+    elif engine == "zero3":
         live = min(DS_STAGE3_MAX_LIVE_PARAMS, max(2 * unit, DS_STAGE3_PREFETCH_BUCKET), N)
         comm = live * per["params"] + min(DS_REDUCE_BUCKET, N) * per["grads"]
 
@@ -684,7 +692,7 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
     else:  # for-loop AdamW: sqrt(v) and its scaled copy for one tensor at a time
         opt_temp = 2 * 4.0 * split.local_largest / shard["optimizer"]
 
-    if a.strategy.startswith("zero"):
+    if engine.startswith("zero"):
         # DeepSpeed keeps its gradient partitions allocated between steps
         fwd_bwd = acts.peak(0.0, 0.0)
         dynamic = max(fwd_bwd, opt_temp)
@@ -756,7 +764,8 @@ def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
              f"each branch's Linears save the all-gathered [B, T, C] input; {kv}"),
             (f"TP traffic not overlapped: per block and micro-batch 2 all-gathers + 2 reduce-scatters of "
              f"[B, T, C] in the compute dtype forward, the same in backward and again in AC's recompute, plus "
-             f"the embedding's and LM head's; over {'NVLink' if _tp_in_node(a, d) else 'the inter-node network'}"),
+             f"the embedding's and LM head's; the vocabulary-parallel loss holds 12 bytes per local vocabulary "
+             f"entry per token in fp32 (not chunked); over {'NVLink' if _tp_in_node(a, d) else 'the inter-node network'}"),
         ]
     return Plan(
         args=dataclasses.asdict(a),
@@ -807,13 +816,13 @@ def _comm_time(a: PlanArgs, s: ModelShape, d: Dims, split: TPSplit) -> float:
     N = split.local
     low = a.precision != "fp32"
     pb, gb = (2 if low else 4), 4  # gathered parameter dtype; gradients reduced in fp32
-    if a.strategy == "ddp":  # one all-reduce = reduce-scatter + all-gather, over dp_replicate
+    if d.engine == "ddp":  # one all-reduce = reduce-scatter + all-gather, over dp_replicate
         r = d.dp_replicate
         return 2 * N * gb * (r - 1) / r / _bandwidth(a, d.tp * r)
-    if a.strategy == "zero3":
+    if d.engine == "zero3":
         g = d.dp
         return (2 * a.grad_accum * N * pb + N * gb) * (g - 1) / g / _bandwidth(a, d.tp * g)
-    if a.strategy in ("fsdp", "hsdp"):
+    if d.engine in ("fsdp", "hsdp"):
         # all-gather (forward + backward per micro-batch) and reduce-scatter inside the dp_shard group, then
         # (HSDP) an all-reduce of the gradient shards across the dp_replicate replicas
         g, r = d.dp_shard, d.dp_replicate
@@ -831,12 +840,14 @@ def tp_collectives_per_micro_batch(s: ModelShape, ac: str) -> int:
 
     Per block: forward all-gathers the attention and MLP inputs and reduce-scatters their outputs (4); backward
     runs the transposes (4); full or selective AC re-runs the forward's (4: the gathered inputs and the
-    reduce-scattered outputs are not kept). Plus the embedding (reduce-scatter forward, all-gather backward)
-    and the LM head's input (all-gather forward, reduce-scatter backward). Without sequence parallel the pairs
-    would be all-reduces: the same bytes.
+    reduce-scattered outputs are not kept). Plus the vocabulary-parallel embedding (an all-reduce to whole
+    sequences forward = 2, as train/parallel/tp.py keeps Gemma's scale and positions replicated; an all-gather
+    of the first block's input gradient backward = 1) and the LM head's input (all-gather forward,
+    reduce-scatter backward = 2). Counted in ring units: an all-reduce moves what a reduce-scatter plus an
+    all-gather do. Without sequence parallel the pairs would be all-reduces: the same bytes.
     """
     per_block = 8 + (4 if ac != "none" else 0)
-    return s.n_layer * per_block + 4
+    return s.n_layer * per_block + 5
 
 
 def _tp_comm_time(a: PlanArgs, s: ModelShape, d: Dims, split: TPSplit) -> float:
@@ -848,8 +859,9 @@ def _tp_comm_time(a: PlanArgs, s: ModelShape, d: Dims, split: TPSplit) -> float:
     activation = a.micro_batch * a.seq_len * s.n_embd * act_b  # one [B, T, C] in the compute dtype
     traffic = a.grad_accum * tp_collectives_per_micro_batch(s, a.ac) * activation * frac
     # once per step: gradients of the replicated parameters (norms, row-wise biases, MQA's K/V) all-reduced
-    # over the TP group (each rank saw only its tokens or heads)
-    traffic += 2 * split.replicated * 4 * frac
+    # over the TP group (each rank saw only its tokens or heads); learned positions run replicated: no sync
+    positions = sum(math.prod(shape) for name, shape in s.root_tensors if name == "pos_emb.weight")
+    traffic += 2 * (split.replicated - positions) * 4 * frac
     return traffic / _bandwidth(a, d.tp)
 
 
