@@ -214,3 +214,84 @@ def test_nproc_per_node_defaults_to_gpus_present_else_one():
     assert nproc({"CUDA_VISIBLE_DEVICES": "0,1,2"}) == "3"
     assert nproc({"SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0"}) == "8"
     assert nproc({"NPROC_PER_NODE": "4", "SLURM_GPUS_ON_NODE": "8"}) == "4"
+
+
+# ---------------------------------------------------------------- CI: no silent skips
+
+SCRATCH_TESTS = '''
+import pytest
+
+@pytest.fixture
+def compiler():
+    pytest.skip("no C++ compiler")
+
+@pytest.mark.skipif(True, reason="train/strategy/deepspeed.py is not in this build")
+def test_skipif(): pass
+
+def test_skip_in_body(): pytest.skip("slurm-wlm could not be installed")
+
+def test_skip_in_fixture(compiler): pass
+
+@pytest.mark.gpu
+def test_gpu(): pass
+
+def test_passes(): pass
+'''
+
+
+def _inner_pytest(tmp_path: Path, ci: bool, *files: str) -> subprocess.CompletedProcess:
+    """pytest on scratch tests next to a copy of tests/conftest.py, with CI=true or without CI."""
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    if ci:
+        env["CI"] = "true"
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", *files],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_ci_turns_every_skip_but_gpu_into_a_failure_with_its_reason(tmp_path):
+    shutil.copy(REPO / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a CUDA GPU\n")
+    (tmp_path / "test_scratch.py").write_text(SCRATCH_TESTS)
+    (tmp_path / "test_needs_module.py").write_text(
+        'import pytest\npytest.importorskip("lmforge_no_such_module")\ndef test_never(): pass\n')
+
+    local = _inner_pytest(tmp_path, False, "test_scratch.py")
+    assert local.returncode == 0, local.stdout[-3000:]
+    assert re.search(r"^1 passed, 4 skipped", local.stdout, re.MULTILINE), local.stdout[-3000:]
+    listed = local.stdout.split("skipped tests: 4", 1)[1]  # every skipped test by name, with its reason
+    for name, reason in [("test_skipif", "train/strategy/deepspeed.py is not in this build"),
+                         ("test_skip_in_body", "slurm-wlm could not be installed"),
+                         ("test_skip_in_fixture", "no C++ compiler"), ("test_gpu", "needs a CUDA GPU")]:
+        assert f"test_scratch.py::{name}: {reason}\n" in listed, local.stdout[-3000:]
+
+    ci = _inner_pytest(tmp_path, True, "test_scratch.py")
+    assert ci.returncode == 1, ci.stdout[-3000:]
+    assert re.search(r"^1 failed, 1 passed, 1 skipped, 2 errors", ci.stdout, re.MULTILINE), ci.stdout[-3000:]
+    prefix = "Failed: CI=true: a missing prerequisite fails instead of skipping: "
+    for outcome, name, reason in [("ERROR", "test_skipif", "train/strategy/deepspeed.py is not in this build"),
+                                  ("FAILED", "test_skip_in_body", "slurm-wlm could not be installed"),
+                                  ("ERROR", "test_skip_in_fixture", "no C++ compiler")]:
+        assert f"{outcome} test_scratch.py::{name} - {prefix}{reason}\n" in ci.stdout, ci.stdout[-3000:]
+    assert "test_scratch.py::test_gpu: needs a CUDA GPU\n" in ci.stdout  # missing hardware may skip
+
+    ci = _inner_pytest(tmp_path, True, "test_needs_module.py")  # pytest.importorskip at import
+    assert ci.returncode == 2, ci.stdout[-3000:]
+    assert (f"ERROR test_needs_module.py - {prefix}could not import 'lmforge_no_such_module'") in ci.stdout, \
+        ci.stdout[-3000:]
+
+
+@pytest.mark.parametrize("ci", [True, False])
+def test_make_test_stops_naming_slurm_under_ci_when_slurm_cannot_be_installed(ci):
+    """`make slurm` (a prerequisite of `make test`) with an installer that fails."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "MAKEFLAGS", "MAKELEVEL")}
+    if ci:
+        env["CI"] = "true"
+    res = subprocess.run(["make", "-s", "slurm", "SLURM_INSTALL=false"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    if ci:
+        assert res.returncode != 0, res.stderr
+        assert "make: CI=true requires Slurm (Debian's slurm-wlm) for the Slurm tests, and 'false' failed" \
+            in res.stderr, res.stderr
+    else:
+        assert res.returncode == 0, res.stderr
+        assert "make: Slurm (slurm-wlm) is unavailable: the Slurm tests will skip" in res.stderr, res.stderr

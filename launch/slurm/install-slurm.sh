@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install Debian's slurm-wlm (slurmctld + slurmd + client tools) so the test suite can start a real
 # Slurm cluster on this machine. Idempotent: does nothing when the daemons and sbatch already exist.
-# Needs root (apt-get); otherwise says why and exits non-zero, and the Slurm tests skip.
+# Needs root (apt-get); otherwise says why and exits non-zero: the Slurm tests then skip, except under
+# CI=true, where `make test` stops naming Slurm (Makefile) and the tests fail (tests/conftest.py).
 set -euo pipefail
 
 have_all() { command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v sbatch >/dev/null 2>&1; }
