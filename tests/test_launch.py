@@ -44,9 +44,10 @@ def _ckpt_copy(good_run: Path, tmp: Path, damage: str) -> Path:
     dst = tmp / "src"
     shutil.copytree(good_run, dst)
     ck = dst / "checkpoints" / "step_0000002"
-    if damage == "truncated":
-        data = (ck / "model.pt").read_bytes()
-        (ck / "model.pt").write_bytes(data[: len(data) // 3])
+    if damage == "truncated":  # the biggest file: the weights, in any checkpoint format (torch or DCP)
+        big = max((p for p in ck.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+        data = big.read_bytes()
+        big.write_bytes(data[: len(data) // 3])
     elif damage == "garbage":
         (ck / "meta.json").write_text("}{ not json")
     return ck
