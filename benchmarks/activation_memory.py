@@ -25,8 +25,8 @@ def measure(model_name: str, ac: str, batch: int, seq_len: int) -> dict:
     from model.config import GPTConfig
     from model.gpt import GPT
     from train.bench import TensorMemoryTracker
+    from train.loss import cross_entropy
     from train.parallelize import apply_ac
-    from train.strategy.base import cross_entropy
 
     cfg = GPTConfig.from_name(model_name)
     torch.manual_seed(0)

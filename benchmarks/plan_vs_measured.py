@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/plan_vs_measured.py --quick    # two small configs
     python benchmarks/plan_vs_measured.py --device cuda --precision bf16   # vs CUDA max allocated
 
-Each configuration runs in a fresh process: the trainer's own strategy (`strategy=single`, fp32, CPU)
+Each configuration runs in a fresh process: the trainer's own engine (`strategy=single`, fp32, CPU)
 is built from the same Hydra overrides as `python -m train`, then two optimizer steps run on random
 tokens (the second one has AdamW's states allocated, as every later step does). Two measurements:
   RSS      peak resident set size minus the process's RSS just before the model is built (after one
@@ -55,21 +55,23 @@ def worker(overrides: list[str]) -> dict:
     """Runs in the child process: build, two steps, return the measurements."""
     import torch
 
-    from train.bench import TensorMemoryTracker, _peak_rss_bytes, _rss_bytes, compose_config
-    from train.distributed import DistInfo
-    from train.main import build_gpt_config
-    from train.strategy import build_strategy
+    from train.bench import (
+        TensorMemoryTracker,
+        _peak_rss_bytes,
+        _rss_bytes,
+        compose_config,
+        single_process_engine,
+    )
+    from train.config import resolve
 
     cfg = compose_config(overrides)
-    gpt_config = build_gpt_config(cfg)
+    gpt_config = resolve(cfg, 1).gpt_config
     device = torch.device(cfg.train.device)
-    strategy = build_strategy(cfg, DistInfo(device=device))
     B, T = cfg.train.micro_batch_size, cfg.train.seq_len
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, gpt_config.vocab_size, (B, T + 1), generator=g).to(device) for _ in range(2)]
     if device.type == "cuda":
-        torch.manual_seed(cfg.train.seed)
-        strategy.build(gpt_config)
+        strategy, _ = single_process_engine(cfg, device)
         for i, xy in enumerate(batches):
             if i == 1:  # the second step: AdamW's states exist, as in every later step
                 torch.cuda.synchronize()
@@ -81,13 +83,12 @@ def worker(overrides: list[str]) -> dict:
         return {"rss_peak_bytes": peak, "tensor_peak_bytes": peak}
     _warm_up_runtime()
     base = _rss_bytes()
-    torch.manual_seed(cfg.train.seed)
-    strategy.build(gpt_config)
+    strategy, _ = single_process_engine(cfg, device)
     xy = batches[0]
     strategy.micro_step(xy[:, :-1], xy[:, 1:], last=True)
     strategy.step()
-    state = strategy.local_state_bytes()  # params + AdamW states (grads are None between steps)
-    existing = list(strategy.model.parameters()) + list(strategy.model.buffers())
+    state = strategy.state_bytes()  # params + AdamW states (grads are None between steps)
+    existing = list(strategy.raw.parameters()) + list(strategy.raw.buffers())
     existing += [v for s in strategy.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     tracker = TensorMemoryTracker(exclude=existing)
     xy = batches[1]

@@ -27,20 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build_ours(batch: int, seq_len: int, device: str = "cpu", precision: str = "fp32", compile: bool = False):
-    from train.bench import compose_config
-    from train.distributed import DistInfo
-    from train.main import build_gpt_config
-    from train.strategy import build_strategy
+    from train.bench import compose_config, single_process_engine
 
     cfg = compose_config(["model=gpt2-124m", "strategy=single", f"precision={precision}", f"train.device={device}",
                           f"train.micro_batch_size={batch}", f"train.seq_len={seq_len}", "optim.weight_decay=0.1",
                           f"train.compile={str(compile).lower()}"])
-    strategy = build_strategy(cfg, DistInfo(device=torch.device(device)))
-    strategy.build(build_gpt_config(cfg))
+    engine, _spec = single_process_engine(cfg, torch.device(device))
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = strategy.micro_step(x, y, last=True)
-        strategy.step()
+        loss = engine.micro_step(x, y, last=True)
+        engine.step()
         return float(loss.detach())
 
     return step, cfg

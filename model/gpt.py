@@ -127,9 +127,11 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
                 kv_cache: LayerKVCache | None = None, start_pos: int = 0) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        # head counts come from the projections' widths, not the config: under tensor parallelism each rank
+        # holds a slice of the heads and runs this same code on it
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
@@ -140,17 +142,18 @@ class Attention(nn.Module):
             if T > 1:
                 S = k.shape[2]
                 mask = torch.arange(S, device=x.device)[None, :] <= (start_pos + torch.arange(T, device=x.device))[:, None]
-        gqa = self.n_kv_head != self.n_head
+        n_head, n_kv_head = q.shape[1], k.shape[1]
+        gqa = n_kv_head != n_head
         if gqa and q.is_cuda and q.dtype == torch.float32:
             # fp32 on CUDA has no flash kernel and the memory-efficient one lacks GQA: repeat the KV heads
             # rather than let SDPA fall back to the O(T^2)-memory math path
-            g = self.n_head // self.n_kv_head
+            g = n_head // n_kv_head
             k, v, gqa = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=gqa,
         )  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, n_head * self.head_dim)
         return self.resid_drop(self.o_proj(y))
 
     def extra_repr(self) -> str:
@@ -275,7 +278,7 @@ class GPT(nn.Module):
 
         Plain tensors only. Each parameter is written by exactly one `fill_(value)` or one `copy_(full)`, so a
         sharding owner can run this under a torch-function mode that writes each rank's slice instead
-        (train/strategy/sharded_init.py: `replay_init`).
+        (train/parallel/sharded_init.py: `replay_init`).
         """
         self.tie_weights()
         base_seed = torch.initial_seed()
@@ -330,12 +333,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 *, generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+                 *, generator: torch.Generator | None = None, use_cache: bool = True,
+                 vocab_limit: int | None = None) -> Tensor:
         """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 = greedy. Uses a KV cache.
 
         Once the context fills block_size, each step re-reads the last block_size tokens (sliding window), exactly
-        what uncached decoding does.
+        what uncached decoding does. `vocab_limit`: only ids below it are ever drawn (a model vocabulary padded
+        beyond its tokenizer's, e.g. to a multiple of 128, never emits an id the tokenizer cannot decode).
         """
+        if vocab_limit is not None and not 1 <= vocab_limit <= self.config.vocab_size:
+            raise ValueError(f"vocab_limit={vocab_limit} must be in [1, vocab_size={self.config.vocab_size}]")
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a LongTensor of shape (B, T); got {tuple(idx.shape)} {idx.dtype}")
         if idx.shape[1] == 0:
@@ -360,7 +367,7 @@ class GPT(nn.Module):
             logits = self(ctx, kv_cache=cache)[:, -1]
             pos = ctx.shape[1]
             for step in range(max_new_tokens):
-                nxt = _sample(logits, temperature, top_k, generator)  # (B, 1)
+                nxt = sample_next(logits, temperature, top_k, generator, vocab_limit)  # (B, 1)
                 idx = torch.cat([idx, nxt], dim=1)
                 if step == max_new_tokens - 1:
                     break
@@ -395,8 +402,13 @@ class GPT(nn.Module):
         save_pretrained(self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
 
 
-def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None,
+                vocab_limit: int | None = None) -> Tensor:
+    """Next ids (B, 1) from last-position logits (B, V): greedy at temperature 0, else softmax sampling over the
+    top_k; ids >= vocab_limit are never drawn."""
     logits = logits.float()  # (B, V)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits[:, :vocab_limit]
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature

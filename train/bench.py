@@ -4,9 +4,12 @@
     torchrun --nproc_per_node 8 -m train.bench model=falcon-40b strategy=fsdp train.activation_checkpointing=full
 
 Overrides are exactly `python -m train`'s (the same conf/ tree, composed with Hydra's compose API),
-plus `bench.steps`, `bench.warmup`, `bench.data=synthetic|real`. The model, strategy, precision, AC and
-compile are built by the trainer's own Strategy, so the figures are the trainer's. JSON goes to stdout
-(rank 0), a human table to stderr.
+plus `bench.steps`, `bench.warmup`, `bench.data=synthetic|real`, and the parallel dims
+(`parallel.tp=2 parallel.dp_shard=2`). The model, parallel layout, precision, AC and compile are built by
+the trainer's own engine (train/parallel), so the figures are the trainer's. Tokens per step count the
+data-parallel replicas (tensor-parallel ranks share their samples); MFU divides the model FLOPs of those
+tokens by every device (FLOPs per device = FLOPs per token x tokens per step / world size). JSON goes to
+stdout (rank 0), a human table to stderr.
 """
 
 from __future__ import annotations
@@ -110,8 +113,8 @@ def compose_config(overrides: list[str]) -> Any:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    import train.config  # noqa: F401  (registers the structured config schema)
-    from train.main import CONF_DIR, validate
+    from train.config import validate  # importing train.config registers the structured schema
+    from train.main import CONF_DIR
 
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -122,11 +125,13 @@ def compose_config(overrides: list[str]) -> Any:
     return cfg
 
 
-def _batches(cfg: Any, gpt_config: Any, dist: Any, kind: str):
-    """Endless micro-batches (x, y) [B, T] on the device: random tokens, or the trainer's data loader."""
+def _batches(cfg: Any, gpt_config: Any, dist: Any, kind: str, dims: Any):
+    """Endless micro-batches (x, y) [B, T] on the device: random tokens, or the trainer's data loader; one
+    stream per data-parallel replica (tensor-parallel ranks read the same batches)."""
     t = cfg.train
+    dp_rank = dims.dp_rank(dist.rank)
     if kind == "synthetic":
-        g = torch.Generator().manual_seed(t.seed + dist.rank)
+        g = torch.Generator().manual_seed(t.seed + dp_rank)
         while True:
             xy = torch.randint(0, gpt_config.vocab_size, (t.micro_batch_size, t.seq_len + 1), generator=g)
             yield xy[:, :-1].to(dist.device), xy[:, 1:].to(dist.device)
@@ -136,31 +141,32 @@ def _batches(cfg: Any, gpt_config: Any, dist: Any, kind: str):
 
     data_cfg = OmegaConf.to_object(cfg.data)
     loader = build_dataloader(data_cfg, get_tokenizer(data_cfg.tokenizer), split="train", seq_len=t.seq_len,
-                              micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, dp_rank=dist.rank,
-                              dp_size=dist.world_size, seed=t.seed)
+                              micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, dp_rank=dp_rank,
+                              dp_size=dims.dp_size, seed=t.seed)
     for x, y in loader:
         yield x.to(dist.device), y.to(dist.device)
 
 
 def run_bench(cfg: Any, steps: int = 10, warmup: int = 3, data: str = "synthetic", dist: Any = None) -> dict:
-    """Build the trainer's strategy for `cfg`, run warmup + steps optimizer steps, return the figures."""
+    """Build the trainer's engine for `cfg`, run warmup + steps optimizer steps, return the figures."""
     from model.stats import count_params, flops_per_token
-    from train.main import build_gpt_config
+    from train.config import resolve
     from train.metrics import peak_flops
+    from train.parallel import build_engine
     from train.plan import model_shape, recompute_flops_per_token
     from train.precision import to_dtype
-    from train.strategy import build_strategy
 
-    gpt_config = build_gpt_config(cfg)
+    spec = resolve(cfg, dist.world_size)
+    gpt_config, dims = spec.gpt_config, spec.dims
     t = cfg.train
     device = dist.device
     peak, source = peak_flops(device, to_dtype(cfg.precision.param_dtype))  # before the baseline: it allocates
-    strategy = build_strategy(cfg, dist)  # imports the strategy's modules; builds nothing yet
+    if dims.engine == "deepspeed":
+        import deepspeed  # noqa: F401  (its import cost is not the model's memory)
     rss_base = _rss_bytes()  # CPU peak memory is reported above this (interpreter, libraries)
-    torch.manual_seed(t.seed)
-    strategy.build(gpt_config)
+    engine = build_engine(cfg, spec, dist)
     cuda = device.type == "cuda"
-    batches = _batches(cfg, gpt_config, dist, data)
+    batches = _batches(cfg, gpt_config, dist, data, dims)
 
     def sync() -> None:
         if cuda:
@@ -174,20 +180,20 @@ def run_bench(cfg: Any, steps: int = 10, warmup: int = 3, data: str = "synthetic
         t0 = time.perf_counter()
         for m in range(t.grad_accum):
             x, y = next(batches)
-            loss = strategy.micro_step(x, y, last=m == t.grad_accum - 1)
-        strategy.step()
+            loss = engine.micro_step(x, y, last=m == t.grad_accum - 1)
+        engine.step()
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step_time = statistics.median(times)
 
     world = dist.world_size
-    tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum * world
+    tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum * dims.dp_size
     counts = count_params(gpt_config)
     fpt = float(flops_per_token(gpt_config, t.seq_len))
     shape = model_shape(cfg.model.preset, t.seq_len, **_model_overrides(cfg))
     hfu_fpt = fpt + recompute_flops_per_token(shape, t.seq_len, t.activation_checkpointing)
-    state = [{k: int(v) for k, v in strategy.local_state_bytes().items()}]
+    state = [{k: int(v) for k, v in engine.state_bytes().items()}]
     if world > 1:  # every rank's share, to check sharding: gathered to all (rank 0 prints)
         from torch import distributed as torch_dist
 
@@ -206,6 +212,7 @@ def run_bench(cfg: Any, steps: int = 10, warmup: int = 3, data: str = "synthetic
         "model": cfg.model.preset,
         "n_params": counts.total,
         "strategy": cfg.strategy.name,
+        "parallel": dims.as_dict(),
         "precision": cfg.precision.name,
         "activation_checkpointing": t.activation_checkpointing,
         "compile": bool(t.compile),
@@ -237,6 +244,16 @@ def run_bench(cfg: Any, steps: int = 10, warmup: int = 3, data: str = "synthetic
         "state_bytes_per_rank": state,
         "loss": float(loss) if loss is not None else None,
     }
+
+
+def single_process_engine(cfg: Any, device: torch.device) -> tuple[Any, Any]:
+    """(engine, run spec) of ``cfg`` in this one process: what ``python -m train`` would build."""
+    from train.config import resolve
+    from train.distributed import DistInfo
+    from train.parallel import build_engine
+
+    spec = resolve(cfg, 1)
+    return build_engine(cfg, spec, DistInfo(device=device)), spec
 
 
 def _model_overrides(cfg: Any) -> dict:
@@ -279,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             overrides, opts = split_overrides(argv)
             cfg = compose_config(overrides)
+            from train.config import resolve
+            from train.distributed import env_rank_info
+
+            resolve(cfg, env_rank_info()[2])  # dims, model: one-line errors before any process group work
             dist = init_distributed(cfg.train.device, cfg.strategy.backend, cfg.strategy.timeout_s)
             if dist.device.type == "cpu":  # as the trainer does (train/cpu_malloc.py)
                 from train.cpu_malloc import tune_glibc_malloc

@@ -2,8 +2,11 @@
 
 Layout (``docs/ARCHITECTURE.md``)::
 
-    <run.dir>/checkpoints/step_0000100/meta.json       format, step, strategy, world_size, model config
-                                       model.pt, optim.pt (format "torch"; others per strategy)
+    <run.dir>/checkpoints/step_0000100/meta.json       format, step, strategy, world_size, parallel dims,
+                                                       model config, precision
+                                       .metadata, *.distcp, sched.pt   (format "dcp": every native layout)
+                                       ds/, sched.pt                   (format "deepspeed": ZeRO)
+                                       model.pt, optim.pt              (format "torch": older single / DDP runs)
                                        extra_rank<r>.pt   trainer / data / RNG state of rank r
     <run.dir>/checkpoints/latest                          "step_0000100"
 
@@ -129,6 +132,24 @@ def read_meta(ckpt_dir: str | Path, expect_format: str | None = None, reader: st
     return meta
 
 
+def check_dcp_files(ckpt_dir: Path) -> None:
+    """One line for a DCP checkpoint without its ``.metadata`` index (what DCP writes last, and what torch
+    versions report differently: "metadata is None", with or without the read error)."""
+    if not (Path(ckpt_dir) / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint {ckpt_dir}: the DCP index .metadata is missing (an incomplete or "
+                              f"damaged checkpoint; its shards cannot be read without it)")
+
+
+def dcp_failure_line(e: BaseException) -> str:
+    """The lowest failing rank's own error on one line (`str(e)` of a ``CheckpointException`` is every
+    failing rank's traceback)."""
+    failures = getattr(e, "failures", None)
+    if not failures:
+        return " ".join(str(e).split())[:300]
+    exc, _trace = failures[min(failures)]
+    return " ".join(str(exc).split())[:300]
+
+
 def torch_load(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` with a one-line error for missing / truncated / garbage files."""
     path = Path(path)
@@ -209,11 +230,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(strategy, run_dir: str | Path, step: int, extra: Mapping[str, Any], *, keep_last: int,
-                    is_main: bool) -> Path:
-    """Collective. Writes ``step_NNNNNNN.tmp`` via ``strategy.save``, renames it, then points
-    ``latest`` at it and prunes to ``keep_last``. On any rank's failure the temp dir is removed,
-    the previous checkpoints and ``latest`` are untouched, and CheckpointError is raised on all ranks."""
+def save_checkpoint(engine, run_dir: str | Path, step: int, extra: Mapping[str, Any], *, model_config: Mapping,
+                    precision: str, keep_last: int, is_main: bool) -> Path:
+    """Collective. Writes ``step_NNNNNNN.tmp`` (the engine's state, meta.json, every rank's ``extra``),
+    renames it, then points ``latest`` at it and prunes to ``keep_last``. On any rank's failure the temp
+    dir is removed, the previous checkpoints and ``latest`` are untouched, and CheckpointError is raised
+    on all ranks. The one place meta.json is written."""
     root = checkpoints_dir(run_dir)
     final = root / ckpt_name(step)
     tmp = root / (ckpt_name(step) + ".tmp")
@@ -224,7 +246,10 @@ def save_checkpoint(strategy, run_dir: str | Path, step: int, extra: Mapping[str
     barrier()
     error: BaseException | None = None
     try:
-        strategy.save(tmp, dict(extra))
+        engine.save(tmp)
+        if is_main:
+            write_meta(tmp, step=step, model_config=model_config, precision=precision, **engine.meta())
+        save_extra(tmp, extra, engine.dist.rank)
     except Exception as e:  # noqa: BLE001 - reported below, on every rank
         error = e
     if any_rank(error is not None):
@@ -252,10 +277,9 @@ def save_checkpoint(strategy, run_dir: str | Path, step: int, extra: Mapping[str
     return final
 
 
-def load_checkpoint(strategy, ckpt_dir: str | Path) -> dict:
-    """Collective. Validates meta.json, then lets the strategy restore its state; returns ``extra``."""
+def load_checkpoint(engine, ckpt_dir: str | Path) -> dict:
+    """Collective. Validates meta.json, lets the engine restore its state (it names the formats it reads),
+    and returns this rank's ``extra`` (trainer, data and RNG state)."""
     meta = read_meta(ckpt_dir)
-    if meta["format"] != strategy.format:
-        raise CheckpointError(f"checkpoint {ckpt_dir} has format {meta['format']!r} (strategy "
-                              f"{meta['strategy']!r}); strategy={strategy.name} reads {strategy.format!r}")
-    return strategy.load(Path(ckpt_dir))
+    engine.load(Path(ckpt_dir), meta)
+    return load_extra(ckpt_dir, engine.dist.rank)

@@ -8,6 +8,8 @@ CLI override > experiment YAML > group YAML > the dataclass defaults below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -59,7 +61,7 @@ class StrategyConfig:
     """How the model is spread over processes. ``single`` and ``ddp`` use only the first and last
     few keys; the rest belong to ``fsdp`` and ``zero1|zero2|zero3``."""
 
-    name: str = "single"  # single | ddp | fsdp | zero1 | zero2 | zero3
+    name: str = "single"  # single | ddp | fsdp | zero1 | zero2 | zero3 (shorthands for parallel.* dims)
     offload: str = "none"  # none | optimizer | params
     # FSDP2
     reshard_after_forward: bool = True
@@ -78,6 +80,18 @@ class StrategyConfig:
     # process group
     backend: str | None = None  # None: nccl (+gloo for CPU tensors) on CUDA, gloo on CPU
     timeout_s: int = 1800  # a collective hung longer than this ends the run with an error
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel dimensions (train/parallel/dims.py). Their product is the world size; null = filled in
+    from ``strategy`` (ddp: dp_replicate = all ranks; fsdp: dp_shard = all ranks; hsdp: both). The
+    device mesh is ``pp x dp_replicate x dp_shard x tp``, tp innermost (one node)."""
+
+    dp_replicate: int | None = None  # data-parallel replicas (DDP; with dp_shard > 1: HSDP's replicas)
+    dp_shard: int | None = None  # FSDP2 shard group; -1 = the rest of the world
+    tp: int | None = None  # tensor (+ sequence) parallel degree; must divide n_head
+    pp: int | None = None  # pipeline stages: reserved, must be 1
 
 
 @dataclass
@@ -158,6 +172,7 @@ class RunConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -165,6 +180,136 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     resume: str = "auto"  # auto | none | <checkpoint dir or run dir>
+
+
+# ---------------------------------------------------------------- validation and resolution
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work (one-line message naming the key, the value and what is allowed)."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg) -> None:
+    """Value checks that the type system cannot express (no I/O beyond stat, no compute)."""
+    t = cfg.train
+    for key in ("max_steps", "micro_batch_size", "grad_accum", "seq_len", "log_every"):
+        v = t[key]
+        _check(v >= 1, f"train.{key}={v} must be an integer >= 1")
+    for key in ("eval_every", "eval_steps", "ckpt_every", "sample_every", "sample_tokens", "keep_last"):
+        _check(t[key] >= 0, f"train.{key}={t[key]} must be >= 0")
+    _check(t.max_nan_skips >= 1, f"train.max_nan_skips={t.max_nan_skips} must be >= 1")
+    from train.parallelize import AC_MODES
+
+    _check(t.activation_checkpointing in AC_MODES,
+           f"train.activation_checkpointing={t.activation_checkpointing!r} is not one of {', '.join(AC_MODES)}")
+    _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} is not one of auto, cpu, cuda")
+    o = cfg.optim
+    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+           f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _check(cfg.logger.name in ("none", "wandb"), f"logger.name={cfg.logger.name!r} is not one of none, wandb")
+    _check(cfg.logger.wandb.mode in ("online", "offline", "disabled"),
+           f"logger.wandb.mode={cfg.logger.wandb.mode!r} is not one of online, offline, disabled")
+    _check(cfg.precision.name in ("fp32", "bf16", "fp16"),
+           f"precision.name={cfg.precision.name!r} is not one of fp32, bf16, fp16")
+    from train.parallel import STRATEGIES
+
+    s = cfg.strategy
+    _check(s.name in STRATEGIES, f"strategy.name={s.name!r} is not one of {', '.join(STRATEGIES)}")
+    _check(s.timeout_s >= 1, f"strategy.timeout_s={s.timeout_s} must be >= 1")
+    _check(s.offload in ("none", "optimizer", "params"),
+           f"strategy.offload={s.offload!r} is not one of none, optimizer, params")
+    if s.name in ("fsdp", "hsdp"):
+        _check(s.offload in ("none", "params"), f"strategy.offload={s.offload!r} is not supported by strategy=fsdp; "
+               f"allowed: none, params (params offloads parameters, gradients and optimizer state)")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the config resolves to, computed once before any work and never written back into ``cfg``:
+    the model, the parallel layout, the tokenizer, where the weights start from."""
+
+    gpt_config: Any  # model.GPTConfig
+    dims: Any  # train.parallel.ParallelDims
+    tokenizer: str  # data.tokenizer, or the tokenizer of model.init_from's checkpoint
+    init_from: Path | None = None  # model.init_from as a local Hugging Face dir (None: random init)
+
+    def resolved_config(self, cfg) -> dict:
+        """``cfg`` as a plain dict with the resolved values filled in (what config.yaml records)."""
+        from omegaconf import OmegaConf
+
+        out = OmegaConf.to_container(cfg, resolve=True)
+        out["data"]["tokenizer"] = self.tokenizer
+        if self.init_from is not None:
+            out["model"]["init_from"] = str(self.init_from)
+        out["parallel"] = {k: v for k, v in self.dims.as_dict().items()}
+        return out
+
+
+def build_gpt_config(cfg) -> tuple[Any, Path | None]:
+    """(the model config, model.init_from as a local dir or None): the named preset with the non-None
+    ``model.*`` fields applied, or the Hugging Face checkpoint's architecture."""
+    from omegaconf import OmegaConf
+
+    from model import GPTConfig
+
+    mc = OmegaConf.to_object(cfg.model)
+    seq_len = cfg.train.seq_len
+    if mc.init_from is not None:  # the architecture is the Hugging Face checkpoint's (train/init_from.py)
+        from train.init_from import hf_gpt_config
+
+        gpt, model_dir = hf_gpt_config(mc)
+        _check(seq_len <= gpt.block_size,
+               f"train.seq_len={seq_len} exceeds block_size={gpt.block_size} of model.init_from="
+               f"{mc.init_from!r}; use train.seq_len<={gpt.block_size}")
+        return gpt, Path(model_dir)
+    gpt = GPTConfig.from_name(mc.preset, **mc.overrides())
+    _check(seq_len <= gpt.block_size,
+           f"train.seq_len={seq_len} exceeds the model's block_size={gpt.block_size} "
+           f"(model={mc.preset}); use train.seq_len<={gpt.block_size} or model.block_size=...")
+    return gpt, None
+
+
+def _tokenizer_name(cfg, gpt_config, init_from: Path | None) -> str:
+    """``data.tokenizer``, or with ``model.init_from`` and no explicit choice the checkpoint's tokenizer."""
+    if init_from is None:
+        return cfg.data.tokenizer
+    from hydra.core.hydra_config import HydraConfig
+
+    from train.init_from import resolve_tokenizer
+
+    explicit = cfg.data.tokenizer != "gpt2"  # not the default; on the CLI even "gpt2" counts as a choice
+    if HydraConfig.initialized():
+        explicit = explicit or any(o.lstrip("+~").split("=", 1)[0] == "data.tokenizer"
+                                   for o in HydraConfig.get().overrides.task)
+    return resolve_tokenizer(cfg.data.tokenizer, explicit, init_from, gpt_config)
+
+
+def resolve(cfg, world_size: int) -> RunSpec:
+    """Validate ``cfg`` and resolve it for ``world_size`` ranks (no process group, no run dir, no compute).
+    Raises ValueError with one line naming the bad value and what is allowed."""
+    from train.parallel.dims import ParallelDims
+    from train.parallel.tp import check_tp_divides
+
+    validate(cfg)
+    gpt, init_from = build_gpt_config(cfg)
+    dims = ParallelDims.resolve(cfg.strategy.name, cfg.parallel, world_size, int(cfg.strategy.replicate_degree))
+    if dims.tp > 1:
+        check_tp_divides(gpt.n_head, gpt.n_kv_head, dims.tp)
+        _check(cfg.train.seq_len % dims.tp == 0, f"train.seq_len={cfg.train.seq_len} must be a multiple of "
+               f"parallel.tp={dims.tp} (sequence parallel splits every sequence over the tensor-parallel ranks)")
+        _check(cfg.precision.name != "fp16", f"precision=fp16 with parallel.tp={dims.tp} is not supported (the "
+               f"loss scaler does not handle tensor-parallel gradients here); use precision=bf16 or fp32")
+    return RunSpec(gpt_config=gpt, dims=dims, tokenizer=_tokenizer_name(cfg, gpt, init_from), init_from=init_from)
 
 
 def register_configs() -> None:

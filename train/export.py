@@ -1,8 +1,8 @@
 """`python -m train.export <checkpoint> <out_dir>`: any lmforge checkpoint -> a Hugging Face model dir.
 
 Reads every checkpoint format the strategies write (meta.json "format"):
-  torch      single / DDP: model.pt (memory-mapped)
-  dcp        FSDP2: torch.distributed.checkpoint shards, loaded without a process group
+  torch      older single / DDP runs: model.pt (memory-mapped)
+  dcp        every native layout (one process, DDP, FSDP2, HSDP, TP): DCP shards, read without a process group
   deepspeed  ZeRO-1/2/3: the fp32 master partitions, consolidated with DeepSpeed's zero_to_fp32
 and writes config.json + safetensors (model/hf.py) that `transformers.AutoModelForCausalLM` loads,
 plus the tokenizer files of the run when we have them. At most one full copy of the weights is held
@@ -53,7 +53,7 @@ def _load_dcp(ckpt: Path, cfg) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
     from model import GPT
-    from train.strategy.fsdp import check_dcp_files, dcp_failure_line
+    from train.checkpoint import check_dcp_files, dcp_failure_line
 
     check_dcp_files(ckpt)
     with torch.device("meta"):

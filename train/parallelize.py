@@ -1,5 +1,6 @@
 """Transformations applied to a plain single-device ``GPT``, always in this order:
-activation checkpointing -> torch.compile -> FSDP2 / DDP (DeepSpeed takes the model instead).
+tensor/sequence parallel (train/parallel/tp.py) -> activation checkpointing -> torch.compile ->
+FSDP2 / HSDP or DDP (DeepSpeed takes the model instead). ``train/parallel/engine.py`` applies them.
 
 Blocks are modified in place (their ``forward`` is wrapped), never re-parented, so parameter
 names -- and therefore checkpoints -- are identical with and without these transformations.
@@ -7,10 +8,12 @@ names -- and therefore checkpoints -- are identical with and without these trans
 
 from __future__ import annotations
 
+import datetime
 import functools
 import importlib.util
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -141,3 +144,30 @@ def apply_ddp(model: nn.Module, device: torch.device, *, find_unused_parameters:
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters,
                bucket_cap_mb=bucket_cap_mb)
+
+
+def ensure_process_group(device: torch.device, timeout_s: int) -> None:
+    """FSDP2 and DeepSpeed need a process group even on one rank: make a private 1-rank group when there is none."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+
+
+def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+               reshard_after_forward: bool, offload_params: bool) -> None:
+    """`fully_shard` each block, then the root (in place; parameter names are unchanged). ``mesh`` is 1-D
+    (FSDP over dp_shard) or 2-D (HSDP: replicate over dp_replicate, shard over dp_shard). Parameters that
+    tensor parallelism already made DTensors on the tp mesh become 2-D / 3-D DTensors."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # pinned host memory speeds the H2D copies; it needs a GPU (on a CPU-only run offload is a no-op move)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload_params else OffloadPolicy()
+    for i, block in enumerate(model.blocks):
+        # the last block's parameters would be all-gathered again at once by backward: keep them
+        reshard = reshard_after_forward and i < len(model.blocks) - 1
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp, offload_policy=offload)

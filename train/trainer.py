@@ -1,7 +1,8 @@
 """The training loop: micro-steps with gradient accumulation, optimizer steps, logging, eval,
-samples, checkpoints, signals and non-finite losses. Everything parallel sits behind ``Strategy``.
+samples, checkpoints, signals and non-finite losses. Everything parallel sits behind ``Engine``
+(train/parallel/engine.py): the loop never reads a backend's internals nor branches on its name.
 
-Host syncs: one per optimizer step (the finite-gradient check in ``Strategy.step``), the
+Host syncs: one per optimizer step (the finite-gradient check in ``Engine.step``), the
 all-reduced stop flag (a CPU tensor) when distributed, and the log/eval steps. Micro-steps never
 call ``.item()``.
 """
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from train.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-from train.distributed import DistInfo, all_reduce_mean, any_rank
+from train.distributed import DistInfo, any_rank
 from train.metrics import MetricsLogger, format_line, memory_gb, peak_flops
 from train.sample import generate_text
 
@@ -62,12 +63,14 @@ class SignalFlag:
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: Path, dist: DistInfo, strategy, tokenizer, train_loader, val_loader) -> None:
-        self.cfg, self.run_dir, self.dist, self.strategy = cfg, Path(run_dir), dist, strategy
+    def __init__(self, cfg, spec, run_dir: Path, dist: DistInfo, engine, tokenizer, train_loader,
+                 val_loader) -> None:
+        self.cfg, self.spec, self.run_dir, self.dist, self.engine = cfg, spec, Path(run_dir), dist, engine
         self.tok, self.train_loader, self.val_loader = tokenizer, train_loader, val_loader
         self.resumed_from: Path | None = None
         t = cfg.train
-        self.tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * dist.world_size
+        # every data-parallel replica reads its own samples; tensor-parallel ranks of one replica share them
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * spec.dims.dp_size
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0  # training wall time of earlier (resumed) segments
@@ -92,10 +95,10 @@ class Trainer:
         set_rng_state(extra["rng"])
 
     def resume(self, ckpt_dir: Path) -> None:
-        """Collective: restore model, optimizer, scheduler, scaler (strategy) and trainer/data/RNG state."""
+        """Collective: restore model, optimizer, scheduler, scaler (engine) and trainer/data/RNG state."""
         from train.checkpoint import load_checkpoint
 
-        self.load_extra(load_checkpoint(self.strategy, ckpt_dir))
+        self.load_extra(load_checkpoint(self.engine, ckpt_dir))
         self.resumed_from = Path(ckpt_dir)
         if self.dist.is_main:
             log.info(f"resumed from {ckpt_dir} at step {self.step} ({self.tokens:,} tokens)")
@@ -117,18 +120,18 @@ class Trainer:
             if i >= self.cfg.train.eval_steps:
                 break
             x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
-            logits = self.strategy.eval_logits(x)
-            total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            total += self.engine.eval_loss(x, y)
             n += 1
-        return all_reduce_mean(total / max(n, 1)).item()
+        return self.engine.dp_mean(total / max(n, 1)).item()
 
     def sample(self) -> str:
         t = self.cfg.train
-        return generate_text(self.strategy, self.tok, t.sample_prompt, t.sample_tokens,
+        return generate_text(self.engine, self.tok, t.sample_prompt, t.sample_tokens,
                              temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed + self.step)
 
     def save(self) -> Path:
-        path = save_checkpoint(self.strategy, self.run_dir, self.step, self.extra_state(),
+        path = save_checkpoint(self.engine, self.run_dir, self.step, self.extra_state(),
+                               model_config=self.spec.gpt_config.to_dict(), precision=self.cfg.precision.name,
                                keep_last=self.cfg.train.keep_last, is_main=self.dist.is_main)
         if self.dist.is_main:
             log.info(f"saved checkpoint {path}")
@@ -143,7 +146,12 @@ class Trainer:
         return val
 
     def _log_sample(self) -> None:
-        text = self.sample()
+        try:
+            text = self.sample()
+        except Exception as e:  # noqa: BLE001 - a sample is a courtesy: it never ends the run
+            if self.dist.is_main:
+                log.warning(f"step {self.step}: text sample failed ({type(e).__name__}: {e}); training continues")
+            return
         if self.logger is not None:
             log.info(f"sample at step {self.step}:\n{self.cfg.train.sample_prompt}{text}\n" + "-" * 60)
             self.logger.sample(self.step, self.cfg.train.sample_prompt, text)
@@ -166,8 +174,8 @@ class Trainer:
             self.logger = MetricsLogger(self.run_dir, cfg, resume_step=self.step if self.resumed_from else None,
                                         wandb_id=self.wandb_id)
             self.wandb_id = self.logger.wandb_id
-        flops_per_token = _flops_per_token(self.strategy.gpt_config, t.seq_len)
-        peak, peak_src = peak_flops(dist.device, self.strategy.precision.param_dtype)
+        flops_per_token = _flops_per_token(self.spec.gpt_config, t.seq_len)
+        peak, peak_src = peak_flops(dist.device, self.engine.precision.param_dtype)
         if dist.is_main:
             log.info(f"MFU reference: {peak / 1e12:.3g} TFLOP/s per device ({peak_src}); "
                      f"{flops_per_token / 1e6:.2f} MFLOP/token; {self.tokens_per_step:,} tokens/step")
@@ -192,7 +200,7 @@ class Trainer:
         return code
 
     def _loop(self, flops_per_token: float, peak: float) -> int:
-        t, dist, strategy = self.cfg.train, self.dist, self.strategy
+        t, dist, engine = self.cfg.train, self.dist, self.engine
         device = dist.device
         nan_steps = {int(s) for s in t.fault_nan_steps}
         it = iter(self.train_loader)
@@ -213,14 +221,11 @@ class Trainer:
                 if t.trace_samples:
                     self._trace_batch(x, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                step_loss += strategy.micro_step(x, y, last=micro == t.grad_accum - 1)
-            if self.step + 1 in nan_steps:  # fault injection: as if the loss had overflowed
-                step_loss.fill_(float("nan"))
-                for p in strategy.raw_model.parameters():
-                    if p.grad is not None:
-                        p.grad.fill_(float("nan"))
-            lr = strategy.optimizer.param_groups[0]["lr"]
-            grad_norm, skipped = strategy.step()
+                # fault injection (train.fault_nan_steps): a NaN loss, hence NaN gradients, as after an overflow
+                poison = self.step + 1 in nan_steps
+                step_loss += engine.micro_step(x, y, last=micro == t.grad_accum - 1, poison=poison)
+            stats = engine.step()
+            grad_norm, skipped, lr = stats.grad_norm, stats.skipped, stats.lr
             self.step += 1
             self.tokens += self.tokens_per_step
             if skipped:
@@ -233,7 +238,8 @@ class Trainer:
             final = self.step == t.max_steps
             if self.step % t.log_every == 0 or final or stop:
                 now = time.perf_counter()
-                loss = all_reduce_mean(loss_sum / max(n_sum, 1)).item() if n_sum else float("nan")
+                # the global-batch mean: the mean over data-parallel replicas of each replica's mean
+                loss = engine.dp_mean(loss_sum / max(n_sum, 1)).item() if n_sum else float("nan")
                 tps = (self.tokens - tokens_log) / max(now - t_log, 1e-9)
                 event = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                          "tokens": self.tokens, "tokens_per_s": tps,
@@ -264,7 +270,7 @@ class Trainer:
         """A step whose gradients were not finite was skipped. With loss scaling that is routine
         (the scale was too high) unless the loss itself is not finite."""
         loss_bad = any_rank(not bool(torch.isfinite(step_loss)))
-        if self.strategy.scaler is not None and not loss_bad:
+        if self.engine.loss_scaling and not loss_bad:
             return
         self.nan_skips += 1
         if self.dist.is_main:

@@ -1,4 +1,5 @@
-"""`strategy=zero1|zero2|zero3`: DeepSpeed ZeRO behind the same Strategy seam.
+"""`strategy=zero1|zero2|zero3`: DeepSpeed ZeRO behind the trainer's one seam (``Engine``), over the
+data-parallel ranks only (tensor / pipeline parallelism are native: train/parallel/).
 
 The DeepSpeed config is generated from the Hydra config (batch sizes, clipping, precision, ZeRO
 stage, offload, bucket/prefetch knobs); `strategy.ds_config=<file.json>` overrides any key of it.
@@ -24,10 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.checkpoint import CheckpointError, load_extra, read_meta, save_extra, torch_load, write_meta
-from train.strategy.base import Strategy, cross_entropy, gpt_config_dict
-from train.strategy.fsdp import ensure_process_group
-from train.strategy.sharded_init import replay_init
+from train.checkpoint import CheckpointError, torch_load
+from train.loss import cross_entropy
+from train.parallel.engine import Engine, StepStats, nbytes
+from train.parallel.rng import seed_init, seed_training
+from train.parallel.sharded_init import replay_init
+from train.parallelize import apply_ac, ensure_process_group
 
 log = logging.getLogger(__name__)
 
@@ -139,81 +142,85 @@ def param_groups_zero(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _nbytes(ts) -> int:
-    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
-
-
-class DeepSpeedStrategy(Strategy):
+class DeepSpeedEngine(Engine):
     format = "deepspeed"
 
-    def __init__(self, cfg, dist_info) -> None:
-        super().__init__(cfg, dist_info)
-        self.name = cfg.strategy.name
+    def __init__(self, cfg, spec, dist_info) -> None:
+        super().__init__(cfg, spec, dist_info)
         self.stage = zero_stage_of(cfg)
         self.ds_config = build_ds_config(cfg, dist_info.world_size, dist_info.device.type)
-        self.engine = None
-
-    @property
-    def raw_model(self) -> nn.Module:
-        return self.engine.module
+        self._build()
 
     # ------------------------------------------------------------ construction
 
-    def build(self, gpt_config) -> None:
+    def _build(self) -> None:
         import deepspeed
 
         from model import GPT
         from train.optim import build_scheduler
 
-        self.gpt_config = gpt_config
-        ensure_process_group(self.device, self.cfg.strategy.timeout_s)  # world size 1 needs a group too
+        cfg, gpt_config = self.cfg, self.spec.gpt_config
+        ensure_process_group(self.device, cfg.strategy.timeout_s)  # world size 1 needs a group too
         # DeepSpeed reads these even when the group exists (plain `python -m train` sets none of them)
         for key, value in (("RANK", self.dist.rank), ("LOCAL_RANK", self.dist.local_rank),
                            ("WORLD_SIZE", self.dist.world_size)):
             os.environ.setdefault(key, str(value))
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
-        torch.manual_seed(self.cfg.train.seed)
+        seed_init(cfg.train.seed)
         if self.stage == 3:
-            remote = "cpu" if self.cfg.strategy.offload == "params" else None
+            remote = "cpu" if cfg.strategy.offload == "params" else None
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config, remote_device=remote,
                                      pin_memory=self.device.type == "cuda" and remote is not None):
                 model = GPT(gpt_config)  # parameters partitioned module by module as they are created
-            torch.manual_seed(self.cfg.train.seed)
+            seed_init(cfg.train.seed)
             with torch.no_grad():
                 replay_init(model)  # gathers one parameter at a time: the single-process values
-            if getattr(self, "init_from", None) is not None:  # model.init_from: HF weights instead
-                self._load_hf_weights(model, self.init_from)
+            if self.spec.init_from is not None:  # model.init_from: HF weights instead
+                self._load_hf_weights(model)
         else:
-            model = self.init_model(gpt_config)  # replicated parameters (ZeRO-1/2 shard only the optimizer)
-        self.apply_transforms(model)  # activation checkpointing (compile is rejected for DeepSpeed)
-        o = self.cfg.optim
+            model = self._init_whole()  # replicated parameters (ZeRO-1/2 shard only the optimizer)
+        apply_ac(model, cfg.train.activation_checkpointing)  # compile is rejected for DeepSpeed
+        o = cfg.optim
         groups = param_groups_zero(model, o.weight_decay)
-        if self.cfg.strategy.offload != "none" and self.device.type == "cuda":
+        if cfg.strategy.offload != "none" and self.device.type == "cuda":
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # vectorized AdamW on the CPU copy
 
             optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
         else:
             fused = o.fused if o.fused is not None else self.device.type == "cuda"
             optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                          fused=bool(fused) and self.cfg.strategy.offload == "none")
-        # the schedule stays ours (stepped in step()), so lr(step) is the same function in every strategy
-        scheduler = build_scheduler(optimizer, o, self.cfg.train.max_steps)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
-                                                          dist_init_required=False)
-        self.engine = engine
-        self.model = engine
-        self.optimizer = ds_optimizer
-        self.scheduler = scheduler
-        self.scaler = None  # DeepSpeed's fp16 block does dynamic loss scaling
+                                          fused=bool(fused) and cfg.strategy.offload == "none")
+        # the schedule stays ours (stepped in step()), so lr(step) is the same function in every layout
+        self.scheduler = build_scheduler(optimizer, o, cfg.train.max_steps)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=self.ds_config, dist_init_required=False)
+        self.n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+        self.loss_scaling = cfg.precision.name == "fp16"  # DeepSpeed's fp16 block scales the loss dynamically
+        seed_training(cfg.train.seed, self.dp_rank)
 
-    def _load_hf_weights(self, model: nn.Module, init_from: str) -> None:
+    def _init_whole(self) -> nn.Module:
+        from model import GPT
+
+        if self.spec.init_from is not None:
+            from train.init_from import load_hf_model
+
+            return load_hf_model(self.spec.gpt_config, self.spec.init_from, self.device)
+        with torch.device("meta"):
+            model = GPT(self.spec.gpt_config)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            model.init_weights()
+        return model
+
+    def _load_hf_weights(self, model: nn.Module) -> None:
         """ZeRO-3: rank 0 reads the Hugging Face checkpoint (one full copy, on CPU); each parameter is
         gathered, overwritten on rank 0 and re-partitioned from it."""
         import deepspeed
 
         from train.init_from import load_hf_model
 
-        full = load_hf_model(self.gpt_config, init_from, torch.device("cpu")).state_dict() if self.dist.is_main else {}
+        full = (load_hf_model(self.spec.gpt_config, self.spec.init_from, torch.device("cpu")).state_dict()
+                if self.dist.is_main else {})
         with torch.no_grad():
             for name, p in model.named_parameters():
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
@@ -222,27 +229,30 @@ class DeepSpeedStrategy(Strategy):
 
     # ------------------------------------------------------------ training
 
-    def micro_step(self, x: torch.Tensor, y: torch.Tensor, *, last: bool) -> torch.Tensor:
+    def micro_step(self, x, y, *, last, poison=False):
         self.engine.train()
         logits = self.engine(x)  # [B, T, V]
         loss = cross_entropy(logits, y)
         del logits  # the loss holds the logits' gradient; the logits themselves are not needed again
+        if poison:
+            loss = loss * float("nan")
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
         if not last:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
         return loss.detach() / self.cfg.train.grad_accum
 
-    def step(self) -> tuple[torch.Tensor, bool]:
+    def step(self):
         assert self.engine.is_gradient_accumulation_boundary(), "micro_step(last=True) must precede step()"
+        lr = self.scheduler.get_last_lr()[0]
         self.engine.step()  # reduce, unscale, clip (gradient_clipping), optimizer step, zero grads
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(float(norm) if norm is not None else float("nan"))
         overflow = bool(getattr(self.optimizer, "overflow", False))
         self.scheduler.step()
-        return norm, overflow or not bool(torch.isfinite(norm))
+        return StepStats(norm, overflow or not bool(torch.isfinite(norm)), lr)
 
     @torch.no_grad()
-    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_eval(self, x: torch.Tensor) -> torch.Tensor:
         was_training = self.engine.training
         self.engine.eval()
         try:
@@ -250,42 +260,57 @@ class DeepSpeedStrategy(Strategy):
         finally:
             self.engine.train(was_training)
 
+    def eval_loss(self, x, y):
+        return torch.nn.functional.cross_entropy(self._forward_eval(x).float().flatten(0, 1), y.flatten())
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, *, temperature, top_k, generator, vocab_limit):
+        """Uncached steps on every rank (ZeRO-3 gathers each layer collectively): identical ids everywhere."""
+        from model.gpt import sample_next
+
+        block = self.spec.gpt_config.block_size
+        out = idx
+        for _ in range(max_new_tokens):
+            logits = self._forward_eval(out[:, -block:])[:, -1]  # [1, V]
+            out = torch.cat([out, sample_next(logits, temperature, top_k, generator, vocab_limit)], dim=1)
+        return out if self.dist.is_main else None
+
     # ------------------------------------------------------------ checkpoints (format "deepspeed")
 
-    def save(self, ckpt_dir: Path, extra: dict) -> None:
-        """Collective: DeepSpeed's model/optimizer partitions under <ckpt>/ds/, our state beside them."""
+    def meta(self):
+        return {**super().meta(), "zero_stage": self.stage, "ds_tag": DS_TAG}
+
+    def save(self, ckpt_dir):
+        """Collective: DeepSpeed's model/optimizer partitions under <ckpt>/ds/, the schedule beside them."""
         ckpt_dir = Path(ckpt_dir)
         self.engine.save_checkpoint(str(ckpt_dir), tag=DS_TAG, save_latest=False)
         if self.dist.is_main:
             torch.save({"scheduler": self.scheduler.state_dict()}, ckpt_dir / SCHED_FILE)
-            step = int(extra.get("trainer", {}).get("step", 0))
-            write_meta(ckpt_dir, format=self.format, step=step, strategy=self.name, world_size=self.dist.world_size,
-                       model_config=gpt_config_dict(self.gpt_config), precision=self.cfg.precision.name,
-                       zero_stage=self.stage, ds_tag=DS_TAG)
-        save_extra(ckpt_dir, extra, self.dist.rank)
 
-    def load(self, ckpt_dir: Path) -> dict:
+    def load(self, ckpt_dir, meta):
         ckpt_dir = Path(ckpt_dir)
-        meta = read_meta(ckpt_dir, self.format, f"strategy={self.name}")
+        name = self.cfg.strategy.name
+        if meta["format"] != self.format:
+            raise CheckpointError(f"checkpoint {ckpt_dir} has format {meta['format']!r} (strategy={meta['strategy']}); "
+                                  f"strategy={name} resumes only format 'deepspeed' checkpoints")
         if meta.get("zero_stage") != self.stage or meta["world_size"] != self.dist.world_size:
             raise CheckpointError(
                 f"checkpoint {ckpt_dir} was saved with ZeRO stage {meta.get('zero_stage')} on {meta['world_size']} "
-                f"rank(s); strategy={self.name} on {self.dist.world_size} rank(s) cannot resume it (DeepSpeed "
+                f"rank(s); strategy={name} on {self.dist.world_size} rank(s) cannot resume it (DeepSpeed "
                 f"partitions are per stage and world size; python -m train.export consolidates it)")
         load_path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=meta.get("ds_tag", DS_TAG),
                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise CheckpointError(f"checkpoint {ckpt_dir}: DeepSpeed files under {DS_TAG}/ are missing")
         self.scheduler.load_state_dict(torch_load(ckpt_dir / SCHED_FILE)["scheduler"])
-        return load_extra(ckpt_dir, self.dist.rank)
 
     # ------------------------------------------------------------ accounting
 
-    def local_state_bytes(self) -> dict[str, int]:
+    def state_bytes(self):
         """This rank's bytes. `params`: the compute copy (ZeRO-3: its partition); `optimizer`: AdamW
         moments; `master`: the fp32 master partition ZeRO keeps beside the compute copy."""
         params = list(self.engine.module.parameters())
-        compute = sum(_nbytes([p.ds_tensor]) if hasattr(p, "ds_tensor") else _nbytes([p]) for p in params)
+        compute = sum(nbytes([p.ds_tensor]) if hasattr(p, "ds_tensor") else nbytes([p]) for p in params)
         base = getattr(self.optimizer, "optimizer", self.optimizer)  # DeepSpeed wraps our AdamW
         # ZeRO-3 / ZeRO-1,2 keep the fp32 master partitions here (stage 3 detaches them from
         # base.param_groups between steps)
@@ -293,5 +318,5 @@ class DeepSpeedStrategy(Strategy):
                   or getattr(self.optimizer, "single_partition_of_fp32_groups", None)
                   or [p for g in base.param_groups for p in g["params"]])
         moments = [v for s in base.state.values() for k, v in s.items() if k != "step"]
-        return {"params": compute, "grads": _nbytes(p.grad for p in params if p.grad is not None),
-                "optimizer": _nbytes(moments), "master": _nbytes(master)}
+        return {"params": compute, "grads": nbytes(p.grad for p in params if p.grad is not None),
+                "optimizer": nbytes(moments), "master": nbytes(master)}

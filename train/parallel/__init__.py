@@ -1,28 +1,19 @@
-"""Strategies: how the model, its gradients and optimizer state are spread over processes.
+"""Parallelism: the parallel dims and their one device mesh (dims.py), tensor parallelism (tp.py), and the
+engines behind the trainer's one seam (engine.py: native DDP / FSDP2 / TP; deepspeed.py: ZeRO).
 
-``build_strategy(cfg, dist)`` maps ``strategy.name`` to a class. ``single`` and ``ddp`` live here;
-``fsdp`` (train/strategy/fsdp.py) and ``zero1|zero2|zero3`` (train/strategy/deepspeed.py) are
-imported lazily so a CPU laptop never needs DeepSpeed's import cost.
+``build_engine`` is the only place that picks a backend by name; DeepSpeed is imported lazily so a CPU
+laptop never pays for it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 
 from train.distributed import DistInfo
-from train.strategy.base import SingleStrategy, Strategy
+from train.parallel.dims import DEEPSPEED, NATIVE, ParallelDims
+from train.parallel.engine import Engine, StepStats
 
-# name -> "module:Class"
-STRATEGIES = {
-    "single": "train.strategy.base:SingleStrategy",
-    "ddp": "train.strategy.ddp:DDPStrategy",
-    "fsdp": "train.strategy.fsdp:FSDPStrategy",
-    "zero1": "train.strategy.deepspeed:DeepSpeedStrategy",
-    "zero2": "train.strategy.deepspeed:DeepSpeedStrategy",
-    "zero3": "train.strategy.deepspeed:DeepSpeedStrategy",
-}
-
+STRATEGIES = NATIVE + DEEPSPEED
 
 # strategies that only mean something with one process per rank: as one plain process they would silently train
 # unsharded on one device (fsdp / zero* run as a 1-rank group instead, e.g. to resume a sharded checkpoint)
@@ -46,7 +37,7 @@ def check_environment(cfg) -> None:
         raise ValueError(f"strategy={name} needs one process per rank but WORLD_SIZE is not set: launch with "
                          f"torchrun (torchrun --nproc_per_node=N -m train strategy={name}), deepspeed or srun "
                          f"(launch/slurm/*.sbatch), or use strategy=single for one process")
-    if name.startswith("zero"):
+    if name in DEEPSPEED:
         try:
             import deepspeed  # noqa: F401  (imported here so a broken install fails before any work)
         except Exception as e:  # noqa: BLE001 - ImportError, or whatever a half-installed deepspeed raises
@@ -61,16 +52,17 @@ def check_environment(cfg) -> None:
     check_precision_supported(cfg.precision.name, name, device)
 
 
-def build_strategy(cfg, dist: DistInfo) -> Strategy:
-    name = cfg.strategy.name
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy={name!r} is not one of {', '.join(STRATEGIES)}")
-    module, cls = STRATEGIES[name].split(":")
-    try:
-        klass = getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"strategy={name!r} is not available in this build ({e})") from None
-    return klass(cfg, dist)
+def build_engine(cfg, spec, dist: DistInfo) -> Engine:
+    """The parallel model for ``spec.dims`` (collective when distributed): weights equal the single-process
+    init for ``train.seed`` (or ``model.init_from``'s), optimizer, schedule and loss scaling ready."""
+    if spec.dims.engine == "deepspeed":
+        from train.parallel.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, spec, dist)
+    from train.parallel.engine import NativeEngine
+
+    return NativeEngine(cfg, spec, dist)
 
 
-__all__ = ["NEEDS_LAUNCHER", "STRATEGIES", "SingleStrategy", "Strategy", "build_strategy", "check_environment", "launched"]
+__all__ = ["NEEDS_LAUNCHER", "STRATEGIES", "Engine", "ParallelDims", "StepStats", "build_engine",
+           "check_environment", "launched"]

@@ -42,7 +42,18 @@ def _is_ds_param(t: Any) -> bool:
 
 
 def local_shard_of(full: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """The slice of `full` (global tensor) that this rank holds under `like`'s placements."""
+    """The slice of `full` (global tensor) that this rank holds under `like`'s placements, including the
+    strided shards FSDP2 makes on top of tensor parallelism (both split dim 0)."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # private helper: fall back to chunking mesh dim by mesh dim (exact without strides)
+        compute_local_shape_and_global_offset = None
+    if compute_local_shape_and_global_offset is not None:
+        shape, offset = compute_local_shape_and_global_offset(full.shape, like.device_mesh, like.placements)
+        local = full
+        for dim, (size, start) in enumerate(zip(shape, offset)):
+            local = local.narrow(dim, start, size) if size else local.narrow(dim, 0, 0)
+        return local
     local = full
     coord = like.device_mesh.get_coordinate()
     assert coord is not None, "this rank is not part of the parameter's mesh"
