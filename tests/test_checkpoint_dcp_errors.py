@@ -1,8 +1,9 @@
-"""Checkpoints that do not fit, read by train.export and by strategy=fsdp's resume: DCP's failure (a
-BaseException carrying every rank's traceback) becomes one line naming the tensor; export's model.pt reader
-falls back from mmap for a legacy file and names a truncated one; a run config.yaml that is not a mapping is
-ignored; a DCP checkpoint without its .metadata index is one line of ours (torch versions word DCP's own
-error differently). In-process, one rank, tiny models: about 3 s together."""
+"""Checkpoints that do not fit, read by train.export and by the native engine's resume (fsdp, single): DCP's
+failure (a BaseException carrying every rank's traceback) becomes one line naming the tensor (or the exception
+type when it has no message); export's model.pt reader falls back from mmap for a legacy file and names a
+truncated one; a run config.yaml that is not a mapping is ignored; a DCP checkpoint without its .metadata index
+is one line of ours (torch versions word DCP's own error differently). In-process, one rank, tiny models:
+about 3 s together."""
 
 from __future__ import annotations
 
@@ -50,24 +51,28 @@ def test_export_dcp_shards_that_do_not_fit_are_one_line(tmp_path: Path) -> None:
                               f"checkpoint; its shards cannot be read without it)")
 
 
-def test_fsdp_resume_of_shards_that_do_not_fit_is_one_line(tmp_path: Path) -> None:
-    """FSDPStrategy.load at world size 1 (its private 1-rank group) on another model's DCP checkpoint."""
-    from test_sharded import make_cfg
+@pytest.mark.parametrize("strategy", ["fsdp", "single"])
+def test_engine_resume_of_shards_that_do_not_fit_is_one_line(tmp_path: Path, strategy: str) -> None:
+    """NativeEngine.load at world size 1 (fsdp: its private 1-rank group; single: no group) on another
+    model's DCP checkpoint."""
+    from test_sharded import build_engine_of, make_cfg
 
     from train.distributed import DistInfo
-    from train.strategy.fsdp import FSDPStrategy
 
     ckpt = tmp_path / "step_0000001"
     _dcp_checkpoint(ckpt, _config(n_embd=64), _config(n_embd=64))
+    meta = {"format": "dcp", "strategy": "fsdp", "world_size": 1}
     created_group = not dist.is_initialized()
     try:
-        strat = FSDPStrategy(make_cfg(strategy__name="fsdp"), DistInfo())
-        strat.build(_config())
+        cfg = make_cfg(strategy__name=strategy, model__n_layer=1, model__n_embd=32, model__n_head=2,
+                       model__vocab_size=96, model__block_size=16, train__seq_len=16, train__device="cpu")
+        engine = build_engine_of(cfg, DistInfo())
+        assert engine.spec.gpt_config == _config() and engine.dims.fsdp == (strategy == "fsdp")
         with pytest.raises(CheckpointError) as err:
-            strat.load(ckpt)
+            engine.load(ckpt, meta)
         (ckpt / ".metadata").unlink()  # a checkpoint whose DCP index is gone
         with pytest.raises(CheckpointError) as no_index:
-            strat.load(ckpt)
+            engine.load(ckpt, meta)
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -75,6 +80,16 @@ def test_fsdp_resume_of_shards_that_do_not_fit_is_one_line(tmp_path: Path) -> No
                               f"torch.Size([96, 64]) and current: torch.Size([96, 32]) for model.tok_emb.weight)")
     assert str(no_index.value) == (f"checkpoint {ckpt}: the DCP index .metadata is missing (an incomplete or damaged "
                                    f"checkpoint; its shards cannot be read without it)")
+
+
+def test_dcp_failure_line_names_an_exception_without_a_message() -> None:
+    """A garbage / truncated shard fails inside DCP with a bare EOFError: the one line still says so."""
+    from train.checkpoint import dcp_failure_line
+
+    e = dcp.CheckpointException("load", {1: (ValueError("second\nline"), None), 0: (EOFError(), None)})
+    assert dcp_failure_line(e) == "EOFError"
+    e = dcp.CheckpointException("load", {1: (EOFError(), None), 0: (ValueError("bad\n  shape"), None)})
+    assert dcp_failure_line(e) == "bad shape"
 
 
 def test_export_reads_legacy_model_pt_and_names_a_truncated_one(tmp_path: Path) -> None:

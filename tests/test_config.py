@@ -34,10 +34,11 @@ def test_group_options_set_typed_values():
     assert cfg.precision.grad_scaler is True and cfg.precision.param_dtype == "float16"
     assert cfg.strategy.name == "ddp" and cfg.strategy.timeout_s == 1800
     assert cfg.logger.wandb.mode == "offline" and cfg.model.n_layer == 2
-    from train.main import build_gpt_config
+    from train.config import build_gpt_config
 
-    gpt = build_gpt_config(cfg)
+    gpt, init_from = build_gpt_config(cfg)
     assert gpt.n_layer == 2 and gpt.n_embd == 128  # override on top of the preset
+    assert init_from is None
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -1,4 +1,4 @@
-"""Environment checks before any work (train.strategy.check_environment): a launcher for strategy=ddp,
+"""Environment checks before any work (train.parallel.check_environment): a launcher for strategy=ddp,
 an importable deepspeed for zero*, bf16 / fp16 support of the device. The end-to-end one-line errors of
 ddp-without-WORLD_SIZE and zero3-without-deepspeed are cases of tests/test_launch.py's bad-input table."""
 
@@ -9,8 +9,8 @@ import subprocess
 import pytest
 from helpers import PYTHON, REPO, TINY, compose, read_metrics, train_env
 
+from train.parallel import check_environment, launched
 from train.precision import precision_support_error
-from train.strategy import check_environment, launched
 
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR")
 

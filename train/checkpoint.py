@@ -144,10 +144,9 @@ def dcp_failure_line(e: BaseException) -> str:
     """The lowest failing rank's own error on one line (`str(e)` of a ``CheckpointException`` is every
     failing rank's traceback)."""
     failures = getattr(e, "failures", None)
-    if not failures:
-        return " ".join(str(e).split())[:300]
-    exc, _trace = failures[min(failures)]
-    return " ".join(str(exc).split())[:300]
+    exc = failures[min(failures)][0] if failures else e
+    # an exception without a message (EOFError of a truncated / garbage shard) is named by its type
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:300]
 
 
 def torch_load(path: str | Path) -> Any:
