@@ -136,7 +136,7 @@ def single_losses(tmp_path_factory) -> dict[int, float]:
 
 
 def make_cfg(**overrides):
-    """The typed training config with dotted-key overrides (for in-process strategy tests)."""
+    """The typed training config with dotted-key overrides (for in-process engine tests)."""
     from omegaconf import OmegaConf
 
     from train.config import Config
@@ -151,6 +151,23 @@ def tiny_gpt_config():
     from model import GPTConfig
 
     return GPTConfig.from_name("gpt2-tiny", n_layer=2, n_embd=64, n_head=4, vocab_size=96, block_size=64)
+
+
+def tiny_cfg(**overrides):
+    """``make_cfg`` with the model of ``tiny_gpt_config()`` (and train.seq_len=32 <= its block size)."""
+    base = {"model__n_layer": 2, "model__n_embd": 64, "model__n_head": 4, "model__vocab_size": 96,
+            "model__block_size": 64, "train__seq_len": 32, "train__device": "cpu"}
+    return make_cfg(**{**base, **overrides})
+
+
+def build_engine_of(cfg, dist_info):
+    """The trainer's engine for ``cfg`` on ``dist_info``'s world, exactly as train.main builds it
+    (``build_engine(cfg, resolve(cfg, world_size), dist_info)``; collective when distributed)."""
+    from train.config import resolve
+    from train.parallel import build_engine
+
+    spec = resolve(cfg, dist_info.world_size)
+    return build_engine(cfg, spec, dist_info)
 
 
 def spawn(fn, world_size: int, *args) -> None:
