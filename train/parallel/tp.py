@@ -91,6 +91,35 @@ class ReplicatedKVParallel(ParallelStyle):
         return distribute_module(module, device_mesh, _replicate_params, input_fn=_as_replicated, output_fn=output_fn)
 
 
+class VocabParallelEmbedding(ParallelStyle):
+    """The token embedding split over the vocabulary (``Shard(0)``), looked up locally: each rank embeds the
+    ids in its vocabulary range (zeros elsewhere) and one all-reduce sums the partial embeddings into whole
+    ``[B, T, C]`` activations on every rank. Done on the local shard (not through DTensor's embedding rule)
+    so the weight gradient is computed at its shard's size: DTensor's rule builds a full ``[V, C]``
+    gradient first, the size of the unsplit table."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def partition(name, mod, mesh):
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(pname, nn.Parameter(distribute_tensor(p, mesh, [Shard(0)]),
+                                                           requires_grad=p.requires_grad))
+
+        distribute_module(module, device_mesh, partition)
+        rows = -(-module.num_embeddings // device_mesh.size())  # torch.chunk's split: the last shard may be short
+        first = device_mesh.get_local_rank() * rows
+
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            weight = module.weight.to_local()  # [rows, C]; its gradient arrives as this rank's Shard(0)
+            outside = (ids < first) | (ids >= first + weight.shape[0])
+            out = torch.nn.functional.embedding((ids - first).masked_fill(outside, 0), weight)
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)  # [B, T, C]: this rank's partial sum
+            return DTensor.from_local(out, device_mesh, [Partial()], run_check=False).redistribute(
+                device_mesh, [Replicate()]).to_local()
+
+        module.forward = forward  # instance attribute: parameter names and the module tree are unchanged
+        return module
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Tensor + sequence parallel over ``tp_mesh`` (1-D), in place, before activation checkpointing,
     compile and FSDP. ``model`` is a plain ``GPT``, usually still on ``meta``."""
@@ -99,7 +128,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     check_tp_divides(cfg.n_head, cfg.n_kv_head, tp)
     root = {
         # vocabulary-parallel embedding; whole sequences out (Gemma's scale, positions, dropout are replicated)
-        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "tok_emb": VocabParallelEmbedding(),
         "norm_f": SequenceParallel(),
         # vocabulary-parallel head: logits stay sharded over the vocabulary for the loss
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
