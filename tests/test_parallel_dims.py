@@ -56,12 +56,12 @@ def test_coordinates_tp_innermost():
 
 
 @pytest.mark.parametrize("strategy,world,parallel,pattern", [
-    ("single", 4, {"tp": 3}, r"^parallel dims pp=1 x dp_replicate=1 x dp_shard=-1 x tp=3 do not divide the world "
-                             r"size 4 \(the fixed dims multiply to 3\)$"),
-    ("single", 4, {"tp": 2, "dp_shard": 4}, r"^parallel dims pp=1 x dp_replicate=1 x dp_shard=4 x tp=2 multiply to 8 "
-                                            r"but the world size is 4; their product must equal it$"),
-    ("zero3", 4, {"tp": 2}, r"^parallel.tp=2 does not combine with strategy=zero3: DeepSpeed ZeRO is data-parallel "
-                            r"only here; use strategy=fsdp parallel.tp=2 "),
+    ("single", 4, {"tp": 3}, (r"^parallel dims pp=1 x dp_replicate=1 x dp_shard=-1 x tp=3 do not divide the world "
+                             r"size 4 \(the fixed dims multiply to 3\)$")),
+    ("single", 4, {"tp": 2, "dp_shard": 4}, (r"^parallel dims pp=1 x dp_replicate=1 x dp_shard=4 x tp=2 multiply to 8 "
+                                            r"but the world size is 4; their product must equal it$")),
+    ("zero3", 4, {"tp": 2}, (r"^parallel.tp=2 does not combine with strategy=zero3: DeepSpeed ZeRO is data-parallel "
+                            r"only here; use strategy=fsdp parallel.tp=2 ")),
     ("single", 2, {"pp": 2}, r"^parallel.pp=2: pipeline parallelism is not implemented yet; parallel.pp must be 1$"),
     ("single", 2, {"tp": 0}, r"^parallel.tp=0 must be an integer >= 1$"),
     ("single", 4, {"dp_shard": -1, "dp_replicate": -1}, r"at most one dim can take the rest of the world$"),

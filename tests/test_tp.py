@@ -127,32 +127,33 @@ def _memory_worker(rank: int, world: int, port: int, out: Path) -> None:
     _train(single, [batch])
     ref = single.state_bytes()
     report = {"single": ref}
-    for label, keys in (("tp2", {"parallel__tp": 2, "parallel__dp_shard": world // 2}),):
-        engine = _engine(make_cfg(train__seq_len=T, train__micro_batch_size=B // (world // 2), train__device="cpu",
-                                  **keys), world, rank)
-        vocab = engine.spec.gpt_config.vocab_size
-        shapes: list[list[int]] = []
+    # one TP layout per world size: tp=2 (2 ranks) or dp_shard=2 x tp=2 (4 ranks)
+    label = "tp2"
+    engine = _engine(make_cfg(train__seq_len=T, train__micro_batch_size=B // (world // 2), train__device="cpu",
+                              parallel__tp=2, parallel__dp_shard=world // 2), world, rank)
+    vocab = engine.spec.gpt_config.vocab_size
+    shapes: list[list[int]] = []
 
-        class Watch(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                result = func(*args, **(kwargs or {}))
-                for t in tree_flatten(result)[0]:
-                    if isinstance(t, torch.Tensor):  # a DTensor's shape is the global one: record the local
-                        shapes.append(list(t._local_tensor.shape if isinstance(t, DTensor) else t.shape))
-                return result
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in tree_flatten(result)[0]:
+                if isinstance(t, torch.Tensor):  # a DTensor's shape is the global one: record the local
+                    shapes.append(list(t._local_tensor.shape if isinstance(t, DTensor) else t.shape))
+            return result
 
-        x, y = batch
-        lo = engine.dims.dp_rank(rank) * x.shape[0] // engine.dims.dp_size
-        hi = lo + x.shape[0] // engine.dims.dp_size
-        with Watch():
-            engine.micro_step(x[lo:hi], y[lo:hi], last=True)
-        engine.step()
-        shard = -(-vocab // engine.dims.tp)  # the vocabulary columns of one TP rank
-        tokens = (hi - lo) * T
-        per_token = [s for s in shapes if len(s) >= 2 and _numel(s[:-1]) == tokens]  # [B, T, *] or [B*T, *]
-        report[label] = {"state": engine.state_bytes(), "shard": shard,
-                         "logit_like": [s for s in per_token if s[-1] >= shard - 1],
-                         "vocab_sized": [s for s in per_token if s[-1] >= vocab]}
+    x, y = batch
+    lo = engine.dims.dp_rank(rank) * x.shape[0] // engine.dims.dp_size
+    hi = lo + x.shape[0] // engine.dims.dp_size
+    with Watch():
+        engine.micro_step(x[lo:hi], y[lo:hi], last=True)
+    engine.step()
+    shard = -(-vocab // engine.dims.tp)  # the vocabulary columns of one TP rank
+    tokens = (hi - lo) * T
+    per_token = [s for s in shapes if len(s) >= 2 and _numel(s[:-1]) == tokens]  # [B, T, *] or [B*T, *]
+    report[label] = {"state": engine.state_bytes(), "shard": shard,
+                     "logit_like": [s for s in per_token if s[-1] >= shard - 1],
+                     "vocab_sized": [s for s in per_token if s[-1] >= vocab]}
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, report)
     if rank == 0:
