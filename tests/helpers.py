@@ -141,6 +141,23 @@ def train_in_process(run_dir: str | Path, *overrides: str) -> tuple[int, Path]:
     return run(cfg, run_dir), run_dir
 
 
+def dcp_state(ckpt_dir: str | Path) -> dict:
+    """Everything a DCP checkpoint (format "dcp") holds, as one nested dict ``{"model": {name: tensor},
+    "optim": {"state": ..., "param_groups": ...}}``, read with torch's own converter
+    (``torch.distributed.checkpoint.format_utils``): an oracle that shares no code with train/."""
+    import tempfile
+    import warnings
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp_to_torch_save(str(ckpt_dir), f"{tmp}/state.pt")
+        return torch.load(f"{tmp}/state.pt", weights_only=True)
+
+
 def losses_of(run_dir: str | Path) -> list[float]:
     return [e["loss"] for e in read_metrics(run_dir) if "loss" in e]
 

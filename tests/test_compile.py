@@ -76,7 +76,7 @@ def eager(tmp_path_factory) -> dict:
     and its final checkpoint."""
     run = single_run(tmp_path_factory)
     return {"loss": single_losses(tmp_path_factory), "val_loss": losses(run, "val_loss"),
-            "model": run / "checkpoints" / "step_0000020" / "model.pt"}
+            "ckpt": run / "checkpoints" / "step_0000020"}
 
 
 def _check_losses(run_dir, eager: dict) -> None:
@@ -95,7 +95,7 @@ def test_compiled_single_matches_eager_and_blocks_share_one_graph(tmp_path_facto
     nothing breaks the graph."""
     from torch._dynamo.utils import counters
 
-    from train.checkpoint import torch_load
+    from train.export import load_full_state_dict
 
     run_dir = _compiled_run(tmp_path_factory, "single", "strategy=single")
     _check_losses(run_dir, eager)
@@ -106,8 +106,14 @@ def test_compiled_single_matches_eager_and_blocks_share_one_graph(tmp_path_facto
     # eager shapes. Its values are judged by the val loss above, not element-wise: k_proj.bias has an
     # exactly-zero gradient (softmax ignores a constant added to every key), and Adam turns that rounding
     # noise into steps of up to lr, so those elements differ by ~1e-5 between any two reduction orders
-    got = torch_load(run_dir / "checkpoints" / "step_0000020" / "model.pt")
-    want = torch_load(eager["model"])
+    got, meta = load_full_state_dict(run_dir / "checkpoints" / "step_0000020")
+    want, _ = load_full_state_dict(eager["ckpt"])
+    assert meta["format"] == "dcp"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(run_dir / "checkpoints" / "step_0000020")).read_metadata().state_dict_metadata
+    names = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+    assert names == set(want), sorted(names ^ set(want))[:5]  # the plain model's names, as DCP stored them
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
 
 

@@ -1,4 +1,4 @@
-"""`python -m train.export`: single (torch), FSDP2 (DCP, 2 ranks) and ZeRO-3 (2 ranks) checkpoints ->
+"""`python -m train.export`: single (DCP), FSDP2 (DCP, 2 ranks) and ZeRO-3 (2 ranks) checkpoints ->
 a Hugging Face dir that transformers loads with our model's logits."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import dcp_state
 from test_fsdp import fsdp_run
 from test_sharded import REPO, ckpt, single_run
 
@@ -35,7 +36,6 @@ def _our_logits(state: dict, model_config: dict, x: torch.Tensor) -> torch.Tenso
 
 @pytest.mark.parametrize("source", ["single", "fsdp", "zero3"])
 def test_export_loads_in_transformers_with_same_logits(tmp_path_factory, tmp_path, source):
-    from train.checkpoint import torch_load
     from train.export import export, load_full_state_dict
 
     run = {"single": single_run, "fsdp": fsdp_run, "zero3": zero3_run}[source](tmp_path_factory)
@@ -49,8 +49,8 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path_factory, tmp_pat
         ours = _our_logits(state, meta["model_config"], x)
         # the oracle: the single-process run's own checkpoint at the same step, and the one 10 steps earlier
         single = single_run(tmp_path_factory)
-        oracle = _our_logits(torch_load(ckpt(single, 20) / "model.pt"), meta["model_config"], x)
-        earlier = _our_logits(torch_load(ckpt(single, 10) / "model.pt"), meta["model_config"], x)
+        oracle = _our_logits(dcp_state(ckpt(single, 20))["model"], meta["model_config"], x)
+        earlier = _our_logits(dcp_state(ckpt(single, 10))["model"], meta["model_config"], x)
     assert (hf_logits - ours).abs().max().item() < 1e-5  # the conversion is exact
     # and it is the model trained to step 20. Two ranks reduce in another order than one process; 20 Adam
     # steps at lr 3e-3 carry those 1e-7 roundings to 1.4e-4 in the logits (measured, fsdp and zero3; the
@@ -58,7 +58,7 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path_factory, tmp_pat
     # so 1e-3 still tells a checkpoint one save apart.
     assert (hf_logits - oracle).abs().max().item() < 1e-3
     assert (earlier - oracle).abs().max().item() > 1.0
-    assert meta["format"] == {"single": "torch", "fsdp": "dcp", "zero3": "deepspeed"}[source]
+    assert meta["format"] == {"single": "dcp", "fsdp": "dcp", "zero3": "deepspeed"}[source]
     # the run's tokenizer travels with it; config.json points at its end-of-text id
     assert (out / "tokenizer.json").is_file()
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == 0

@@ -171,7 +171,8 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path):
         _stop_group(proc)
     latest = latest_checkpoint(run_dir)
     assert latest is not None and latest.is_dir() and not latest.name.endswith(".tmp")
-    assert (latest / "meta.json").is_file() and (latest / "model.pt").is_file()
+    assert all((latest / f).is_file() for f in ("meta.json", ".metadata", "__0_0.distcp", "sched.pt",
+                                                 "extra_rank0.pt")), sorted(p.name for p in latest.iterdir())
     assert latest.name not in partial
     saved_step = int(latest.name.split("_")[1])
 

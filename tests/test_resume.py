@@ -20,7 +20,11 @@ COMMON = (*TINY, "model.dropout=0.1", "optim.decay_steps=20", "optim.warmup_step
 
 
 def _model_state(run_dir: Path, step: int) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step_{step:07d}" / "model.pt", weights_only=True)
+    from train.export import load_full_state_dict
+
+    state, meta = load_full_state_dict(run_dir / "checkpoints" / f"step_{step:07d}")
+    assert meta["format"] == "dcp" and meta["step"] == step
+    return state
 
 
 def _assert_same_weights(a: Path, b: Path, step: int) -> None:

@@ -19,6 +19,7 @@ def test_sample_from_run_dir_matches_direct_greedy_decoding(run_dir, capsys):
     from model import GPT, GPTConfig
     from train.checkpoint import read_meta
     from train.data import get_tokenizer
+    from train.export import load_full_state_dict
     from train.sample import main
 
     assert main(["--ckpt", str(run_dir), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--temperature", "0",
@@ -27,8 +28,10 @@ def test_sample_from_run_dir_matches_direct_greedy_decoding(run_dir, capsys):
     assert out.endswith("\n")
     text = out[:-1]  # print's newline (the text itself may end in generated newlines)
     ckpt = run_dir / "checkpoints" / "step_0000003"
-    model = GPT(GPTConfig.from_dict(read_meta(ckpt)["model_config"]))
-    model.load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
+    state, meta = load_full_state_dict(ckpt)  # the DCP shards as one plain state dict
+    assert meta == read_meta(ckpt) and meta["format"] == "dcp" and meta["step"] == 3
+    model = GPT(GPTConfig.from_dict(meta["model_config"]))
+    model.load_state_dict(state)
     tok = get_tokenizer("gpt2")
     ids = torch.tensor([tok.encode("ROMEO:")])
     expected = tok.decode(model.generate(ids, 12, temperature=0.0)[0].tolist())
