@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: train test setup slurm lint clean
+.PHONY: train test test-fast setup slurm lint clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ slurm:
 # Under CI=true only tests that need hardware this machine lacks (the `gpu` marker) may skip.
 test: $(STAMP) slurm
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The edit loop: single-process tests only (no torchrun / gloo groups / Slurm / DeepSpeed runs): a few minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check model train tests

@@ -36,9 +36,19 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+# modules whose tests start several ranks (torchrun, spawned gloo groups, Slurm jobs) or reuse runs that do:
+# marked `slow`, so `make test-fast` (-m "not slow") is the single-process edit loop
+MULTI_RANK_MODULES = {"test_export", "test_faults", "test_fsdp", "test_model_init_sharded", "test_multinode",
+                      "test_multinode_tp", "test_sharded", "test_slurm", "test_tp", "test_train_signals",
+                      "test_zero", "test_zero_falcon"}
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:
+        if item.module is not None and item.module.__name__ in MULTI_RANK_MODULES:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason=GPU_SKIP)

@@ -1,0 +1,51 @@
+"""Tensor parallel inside a node, FSDP2 across nodes, on a real 2-node Slurm cluster on this machine
+(tests/slurm_cluster.py): the Falcon-40B layout's shape (TP within the fast links of a node, data
+parallel over the network) at the smallest size. Losses must equal the same 4-rank run on one node."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from slurm_cluster import (
+    JOB_CFG,
+    LAUNCH,
+    assert_same_losses,
+    latest_checkpoint,
+    launch_env,
+    losses_by_step,
+    run_launch_script,
+    slurm_cluster_2n,
+)
+
+pytestmark = pytest.mark.slow
+__all__ = ["slurm_cluster_2n"]  # fixture used below
+
+TP_FSDP = ("parallel.tp=2", "parallel.dp_shard=2")
+
+
+def test_tp_within_nodes_fsdp_across_matches_one_node(slurm_cluster_2n, tmp_path):
+    """sbatch -N 2 launch/slurm/torchrun.sbatch parallel.tp=2 parallel.dp_shard=2 with 2 ranks per node:
+    ranks 0,1 (node1) and 2,3 (node2) are the TP groups (tp is the mesh's innermost dim), the FSDP2 shard
+    groups {0,2} and {1,3} cross the nodes; the losses equal launch/torchrun.sh's 4 ranks on one node."""
+    ref_dir = tmp_path / "one_node"
+    proc = run_launch_script("torchrun.sh", ref_dir, *JOB_CFG, *TP_FSDP, nproc=4)
+    assert proc.returncode == 0, f"launch/torchrun.sh failed:\n{proc.stderr[-4000:]}"
+    reference = losses_by_step(ref_dir)
+    assert sorted(reference) == list(range(1, 9)), reference
+
+    cluster = slurm_cluster_2n
+    job = cluster.sbatch(LAUNCH / "slurm" / "torchrun.sbatch", *JOB_CFG, *TP_FSDP, sbatch_args=("-N", "2"),
+                         cwd=tmp_path, env=launch_env(2))
+    state = cluster.wait_done(job, 400)
+    out_file = tmp_path / f"slurm-{job}.out"
+    out = out_file.read_text(errors="replace") if out_file.exists() else ""
+    assert state == "COMPLETED", f"job {job} {state}:\n{out[-5000:]}"
+    info = cluster.job_info(job)
+    assert info["NumNodes"] == "2" and info["NodeList"] == "node[1-2]", info
+    assert "on 2 node(s) [node1 node2] x 2 rank(s)" in out, out[-3000:]
+    run_dir = tmp_path / "runs" / f"slurm-{job}"
+    meta = json.loads((latest_checkpoint(run_dir) / "meta.json").read_text())
+    assert meta["world_size"] == 4 and meta["step"] == 8, meta
+    assert meta["parallel"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2}, meta
+    assert_same_losses(losses_by_step(run_dir), reference, 1e-5)
