@@ -307,8 +307,6 @@ def resolve(cfg, world_size: int) -> RunSpec:
         check_tp_divides(gpt.n_head, gpt.n_kv_head, dims.tp)
         _check(cfg.train.seq_len % dims.tp == 0, f"train.seq_len={cfg.train.seq_len} must be a multiple of "
                f"parallel.tp={dims.tp} (sequence parallel splits every sequence over the tensor-parallel ranks)")
-        _check(cfg.precision.name != "fp16", f"precision=fp16 with parallel.tp={dims.tp} is not supported (the "
-               f"loss scaler does not handle tensor-parallel gradients here); use precision=bf16 or fp32")
     return RunSpec(gpt_config=gpt, dims=dims, tokenizer=_tokenizer_name(cfg, gpt, init_from), init_from=init_from)
 
 
