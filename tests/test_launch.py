@@ -75,10 +75,12 @@ CASES = [
     ("truncated-checkpoint", ["resume={ckpt:truncated}"], {}, "step_0000002"),
     ("garbage-checkpoint", ["resume={ckpt:garbage}"], {}, "meta.json"),
     ("wrong-model-shape", ["resume={ckpt:ok}", "model.n_embd=64"], {}, "tok_emb.weight"),
-    ("other-strategy-checkpoint", ["resume={ckpt:ok}", "strategy=fsdp"], {}, "fsdp"),
+    # every native layout reads a single-process (DCP) checkpoint (test_fsdp.py); DeepSpeed reads only its own
+    ("other-strategy-checkpoint", ["resume={ckpt:ok}", "strategy=zero2"], {}, "resumes only format 'deepspeed'"),
     ("existing-run-dir-resume-none", ["resume=none", "run.dir={good}"], {}, "already holds checkpoints"),
     # environment
     ("ddp-without-world-size", ["strategy=ddp"], {}, "WORLD_SIZE"),
+    ("single-on-two-ranks", ["strategy=single"], {"NPROC": "2"}, "strategy=single runs one process"),
     ("fp16-on-missing-gpu", ["precision=fp16", "train.device=cuda"], {}, "no CUDA GPU"),
     ("zero3-without-deepspeed", ["strategy=zero3"], {"PYTHONPATH": "{tmp}/no_deepspeed"}, "deepspeed"),
     # 113 tokens = 3 windows of 33: enough for one rank's batch of 2, not for 2 ranks (run with torchrun)
@@ -226,7 +228,7 @@ import pytest
 def compiler():
     pytest.skip("no C++ compiler")
 
-@pytest.mark.skipif(True, reason="train/strategy/deepspeed.py is not in this build")
+@pytest.mark.skipif(True, reason="train/parallel/deepspeed.py is not in this build")
 def test_skipif(): pass
 
 def test_skip_in_body(): pytest.skip("slurm-wlm could not be installed")
@@ -260,7 +262,7 @@ def test_ci_turns_every_skip_but_gpu_into_a_failure_with_its_reason(tmp_path):
     assert local.returncode == 0, local.stdout[-3000:]
     assert re.search(r"^1 passed, 4 skipped", local.stdout, re.MULTILINE), local.stdout[-3000:]
     listed = local.stdout.split("skipped tests: 4", 1)[1]  # every skipped test by name, with its reason
-    for name, reason in [("test_skipif", "train/strategy/deepspeed.py is not in this build"),
+    for name, reason in [("test_skipif", "train/parallel/deepspeed.py is not in this build"),
                          ("test_skip_in_body", "slurm-wlm could not be installed"),
                          ("test_skip_in_fixture", "no C++ compiler"), ("test_gpu", "needs a CUDA GPU")]:
         assert f"test_scratch.py::{name}: {reason}\n" in listed, local.stdout[-3000:]
@@ -269,7 +271,7 @@ def test_ci_turns_every_skip_but_gpu_into_a_failure_with_its_reason(tmp_path):
     assert ci.returncode == 1, ci.stdout[-3000:]
     assert re.search(r"^1 failed, 1 passed, 1 skipped, 2 errors", ci.stdout, re.MULTILINE), ci.stdout[-3000:]
     prefix = "Failed: CI=true: a missing prerequisite fails instead of skipping: "
-    for outcome, name, reason in [("ERROR", "test_skipif", "train/strategy/deepspeed.py is not in this build"),
+    for outcome, name, reason in [("ERROR", "test_skipif", "train/parallel/deepspeed.py is not in this build"),
                                   ("FAILED", "test_skip_in_body", "slurm-wlm could not be installed"),
                                   ("ERROR", "test_skip_in_fixture", "no C++ compiler")]:
         assert f"{outcome} test_scratch.py::{name} - {prefix}{reason}\n" in ci.stdout, ci.stdout[-3000:]
