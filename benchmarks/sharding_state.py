@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/sharding_state.py [--model gpt2-tiny]
 
-Each run is `torchrun --nproc_per_node N -m train.bench strategy=<s> ...` (the trainer's strategies on
-real gloo process groups); the state is each rank's `Strategy.local_state_bytes()` after the optimizer
+Each run is `torchrun --nproc_per_node N -m train.bench strategy=<s> ...` (the trainer's engines on
+real gloo process groups); the state is each rank's `Engine.state_bytes()` after the optimizer
 has stepped (parameters, AdamW moments, and ZeRO's fp32 master partition). The figure is the largest
 rank's state at N ranks over the 1-rank state, against the ideal 1/N (target <= 1.05 x 1/N).
 """
@@ -47,7 +47,7 @@ def main() -> int:
     results = {}
     for i, (s, n) in enumerate(tqdm(jobs, desc="runs", file=sys.stderr)):
         results[(s, n)] = run(s, n, args.model, 29611 + i)
-    print(f"{args.model} fp32, per-rank model + optimizer state (bytes) from Strategy.local_state_bytes()")
+    print(f"{args.model} fp32, per-rank model + optimizer state (bytes) from Engine.state_bytes()")
     print(f"{'strategy':<10}{'1 rank':>12}{'2 ranks (max)':>15}{'ratio':>8}{'ideal':>7}{'vs ideal':>10}")
     for s in args.strategies.split(","):
         one = total(results[(s, 1)][0])

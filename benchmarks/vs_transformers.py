@@ -5,8 +5,8 @@
 
 Both run a full optimizer step (forward, fp32 cross-entropy, backward, grad-norm clip at 1.0, AdamW with
 the same hyper-parameters and the same kernel: torch's default on CPU, fused on CUDA) on the same random
-tokens, in one process. Ours is built by the trainer's SingleStrategy from the same Hydra overrides as
-`python -m train` (model=gpt2-124m, precision=fp32|bf16, train.compile). transformers runs with its
+tokens, in one process. Ours is the trainer's single-process engine (train.parallel) built from the same
+Hydra overrides as `python -m train` (model=gpt2-124m, precision=fp32|bf16, train.compile). transformers runs with its
 default attention (SDPA), fp32 weights under bf16 autocast when --precision bf16 (what our trainer
 does), and `torch.compile` of the whole model when --compile. Steps alternate between the two models so
 that load from other processes hits both alike; the figure is the ratio of median step times. MFU uses
