@@ -49,6 +49,21 @@ class StepStats:
     lr: float
 
 
+@contextlib.contextmanager
+def _quiet_redistribute():
+    """DTensor warns on every step that a norm over a 2-D mesh takes two all-reduces (one per dim); that is
+    what it is here (the dims are not flattened), so the warning is kept out of the training log."""
+    import logging
+
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -253,9 +268,14 @@ class NativeEngine(Engine):
 
     def _grad_norm(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         params = [p for p in self.raw.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
-        if isinstance(norm, DTensor):  # partial sums over shards and TP ranks -> the global norm, on every rank
-            norm = norm.full_tensor()
+        with _quiet_redistribute():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+            if isinstance(norm, DTensor):  # partial sums over shards and TP ranks -> the global norm, on every rank
+                norm = norm.full_tensor()
+            if self.dims.tp > 1 and self.dims.dp_size > 1:
+                # one all-reduce per mesh dim: ranks may sum in different orders; agree on one value bitwise so
+                # every rank clips (and keeps its replicated parameters) identically
+                dist.all_reduce(norm, op=dist.ReduceOp.MAX)
         return params, norm
 
     def step(self):
