@@ -77,3 +77,22 @@ def test_bench_bad_input_one_line(capsys, argv, needle):
 def test_split_overrides():
     hydra, opts = split_overrides(["model=gpt2-tiny", "bench.steps=5", "bench.data=real"])
     assert hydra == ["model=gpt2-tiny"] and opts == {"steps": 5, "warmup": 3, "data": "real"}
+
+
+@pytest.mark.slow
+def test_bench_tensor_parallel_accounting():
+    """torchrun 2 ranks, parallel.tp=2: both ranks read the same batches, so a step is one replica's
+    micro-batch of tokens; MFU divides those tokens' model FLOPs by both devices; each rank holds half
+    the vocabulary-sharded state (the gathered per-rank bytes), and the dims are in the JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "train.bench", *TINY, "parallel.tp=2", "bench.steps=2", "bench.warmup=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["parallel"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 2} and r["world_size"] == 2
+    assert r["tokens_per_step"] == 2 * 64  # one data-parallel replica: micro-batch 2 x seq 64
+    assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2)
+    assert r["mfu"] == pytest.approx(r["tokens_per_s_per_device"] * r["flops_per_token"] / r["peak_flops"])
+    per_rank = [s["params"] for s in r["state_bytes_per_rank"]]
+    assert sum(per_rank) < 1.1 * 4 * r["n_params"] and max(per_rank) < 0.6 * 4 * r["n_params"], per_rank
