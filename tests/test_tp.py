@@ -232,6 +232,11 @@ def test_trainer_tp2_equals_one_process(tmp_path_factory):
     run = session_run(tmp_path_factory, "tp2", TP2, nproc=2)
     want = single_losses(tmp_path_factory)
     assert_losses_close(losses(run), want, range(1, 21), 1e-5)
+    # the global gradient norm (over vocabulary / head shards and replicated norms) is the one-process norm,
+    # and it is above optim.grad_clip=1 in early steps, so clipping acts on it
+    single_norm = losses(single_run(tmp_path_factory), "grad_norm")
+    assert_losses_close(losses(run, "grad_norm"), single_norm, range(1, 21), 1e-4)
+    assert max(single_norm.values()) > 1.0
     single_val = losses(single_run(tmp_path_factory), "val_loss")
     assert_losses_close(losses(run, "val_loss"), single_val, [0, 10, 20], 1e-5)
     meta = json.loads((ckpt(run, 20) / "meta.json").read_text())
@@ -246,6 +251,8 @@ def test_trainer_fsdp_x_tp_equals_one_process(tmp_path_factory, extra):
     name = "tp2_fsdp2" + "".join("_" + e.split(".")[-1].split("=")[0] for e in extra)
     run = session_run(tmp_path_factory, name, [*TP2_FSDP2, *extra], nproc=4)
     assert_losses_close(losses(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
+    assert_losses_close(losses(run, "grad_norm"), losses(single_run(tmp_path_factory), "grad_norm"), range(1, 21),
+                        1e-4)
 
 
 def test_trainer_replicas_x_tp_equals_one_process(tmp_path_factory):
@@ -311,3 +318,36 @@ def test_export_from_tp_checkpoint_matches_transformers(tmp_path_factory, tmp_pa
     init = GPT(cfg).eval()
     with torch.no_grad():
         assert (init(x) - a).abs().max().item() > 1e-2
+
+
+def _fp16_worker(rank: int, world: int, port: int, out: Path) -> None:
+    init_gloo(rank, world, port)
+    fp16 = {"precision__name": "fp16", "precision__param_dtype": "float16", "precision__autocast": True,
+            "precision__grad_scaler": True}
+    results = {}
+    for label, keys, w, r in (("single", {}, 1, 0), ("tp2", {"parallel__tp": 2}, world, rank)):
+        engine = _engine(_cfg("llama-tiny", {}, **fp16, **keys), w, r)
+        steps = []
+        for i, (x, y) in enumerate(_batches(512, 6)):
+            loss = engine.micro_step(x, y, last=True, poison=i == 2)  # step 3: NaN loss, as after an overflow
+            stats = engine.step()
+            steps.append([float(loss), stats.skipped, engine.scaler.get_scale()])
+        results[label] = steps
+    if rank == 0:
+        out.write_text(json.dumps(results))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_tp2_fp16_loss_scaling_agrees_with_one_process(tmp_path):
+    """precision=fp16 (autocast + GradScaler) under tp=2: the losses follow the one-process fp16 run within
+    fp16 rounding (1e-3), and an injected NaN makes both skip the same step and halve the scale."""
+    out = tmp_path / "fp16.json"
+    spawn(_fp16_worker, 2, out)
+    r = json.loads(out.read_text())
+    for step, (a, b) in enumerate(zip(r["tp2"], r["single"]), 1):
+        assert a[1:] == b[1:], f"step {step}: (skipped, scale) {a[1:]} vs one process {b[1:]}"
+        if step != 3:
+            assert abs(a[0] - b[0]) <= 1e-3, f"step {step}: fp16 loss {a[0]} vs {b[0]}"
+    assert [s[1] for s in r["tp2"]] == [False, False, True, False, False, False]
+    assert r["tp2"][2][2] == r["tp2"][1][2] / 2
