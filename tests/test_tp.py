@@ -333,15 +333,19 @@ def _fp16_worker(rank: int, world: int, port: int, out: Path) -> None:
             stats = engine.step()
             steps.append([float(loss), stats.skipped, engine.scaler.get_scale()])
         results[label] = steps
+    bf16 = {"precision__name": "bf16", "precision__param_dtype": "bfloat16", "precision__autocast": True}
+    for label, keys, w, r in (("bf16_single", {}, 1, 0), ("bf16_tp2", {"parallel__tp": 2}, world, rank)):
+        results[label] = _train(_engine(_cfg("llama-tiny", {}, **bf16, **keys), w, r), _batches(512, 6))
     if rank == 0:
         out.write_text(json.dumps(results))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def test_tp2_fp16_loss_scaling_agrees_with_one_process(tmp_path):
+def test_tp2_mixed_precision_agrees_with_one_process(tmp_path):
     """precision=fp16 (autocast + GradScaler) under tp=2: the losses follow the one-process fp16 run within
-    fp16 rounding (1e-3), and an injected NaN makes both skip the same step and halve the scale."""
+    fp16 rounding (1e-3), and an injected NaN makes both skip the same step and halve the scale;
+    precision=bf16 follows the one-process bf16 run within bf16 rounding."""
     out = tmp_path / "fp16.json"
     spawn(_fp16_worker, 2, out)
     r = json.loads(out.read_text())
@@ -351,3 +355,6 @@ def test_tp2_fp16_loss_scaling_agrees_with_one_process(tmp_path):
             assert abs(a[0] - b[0]) <= 1e-3, f"step {step}: fp16 loss {a[0]} vs {b[0]}"
     assert [s[1] for s in r["tp2"]] == [False, False, True, False, False, False]
     assert r["tp2"][2][2] == r["tp2"][1][2] / 2
+    # bf16 autocast: within bf16 rounding of the one-process bf16 run
+    for step, (a, b) in enumerate(zip(r["bf16_tp2"], r["bf16_single"]), 1):
+        assert abs(a - b) <= 2e-2, f"step {step}: bf16 loss {a} vs {b}"
