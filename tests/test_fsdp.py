@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_sharded import (
     assert_losses_close,
+    build_engine_of,
     ckpt,
     corpus_overrides,
     init_gloo,
@@ -19,6 +20,7 @@ from test_sharded import (
     single_losses,
     single_run,
     spawn,
+    tiny_cfg,
     tiny_gpt_config,
     train_run,
 )
@@ -82,45 +84,49 @@ def _build_worker(rank: int, world_size: int, port: int, out_dir: str, replicate
 
     from model import GPT
     from train.distributed import DistInfo
-    from train.strategy.base import SingleStrategy
-    from train.strategy.fsdp import FSDPStrategy, apply_fsdp, build_mesh
+    from train.parallel import ParallelDims
+    from train.parallelize import apply_fsdp
 
     init_gloo(rank, world_size, port)
     gpt = tiny_gpt_config()
-    cfg = make_cfg(strategy__name="fsdp", strategy__replicate_degree=replicate, train__seed=7, optim__grad_clip=1.0)
+    common = {"train__seed": 7, "optim__grad_clip": 1.0}
+    cfg = tiny_cfg(strategy__name="fsdp", strategy__replicate_degree=replicate, **common)
     result: dict = {}
 
     # sharding happens on meta, before any parameter memory exists
     with torch.device("meta"):
         meta_model = GPT(gpt)
-    apply_fsdp(meta_model, build_mesh(torch.device("cpu"), world_size, replicate), param_dtype=torch.float32,
-               reduce_dtype=torch.float32, reshard_after_forward=True, offload_params=False)
+    mesh = ParallelDims(dp_replicate=replicate, dp_shard=world_size // replicate, fsdp=True).with_device("cpu")
+    apply_fsdp(meta_model, mesh.fsdp_mesh, param_dtype=torch.float32, reduce_dtype=torch.float32,
+               reshard_after_forward=True, offload_params=False)
     params = list(meta_model.parameters())
     result["all_dtensor_on_meta"] = all(isinstance(p, DTensor) and p.to_local().is_meta for p in params)
     result["local_numel"] = sum(p.to_local().numel() for p in params)
     result["global_numel"] = sum(p.numel() for p in params)
 
-    # the strategy's initial weights == the single-process init for the same seed
-    strat = FSDPStrategy(cfg, DistInfo(rank=rank, local_rank=rank, world_size=world_size))
-    strat.build(gpt)
-    single = SingleStrategy(cfg, DistInfo())
-    single.build(gpt)
-    ref = dict(single.model.named_parameters())
-    result["init_equal"] = all(torch.equal(p.full_tensor(), ref[n]) for n, p in strat.model.named_parameters())
-    result["placements"] = [type(pl).__name__ for pl in strat.model.tok_emb.weight.placements]
+    # the engine's initial weights == the single-process init for the same seed
+    engine = build_engine_of(cfg, DistInfo(rank=rank, local_rank=rank, world_size=world_size))
+    assert engine.spec.gpt_config == gpt and engine.dims.fsdp
+    result["dims"] = engine.dims.as_dict()
+    single = build_engine_of(tiny_cfg(strategy__name="single", **common), DistInfo())
+    ref = dict(single.raw.named_parameters())
+    result["init_equal"] = all(torch.equal(p.full_tensor(), ref[n]) for n, p in engine.raw.named_parameters())
+    result["placements"] = [type(pl).__name__ for pl in engine.raw.tok_emb.weight.placements]
 
     # one optimizer step on a global batch of 4 split over the ranks == the single-process step
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 96, (4, 32), generator=g), torch.randint(0, 96, (4, 32), generator=g)
     per = 4 // world_size
-    strat.micro_step(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], last=True)
-    norm, _ = strat.step()
+    engine.micro_step(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], last=True)
+    stats = engine.step()
     single.micro_step(x, y, last=True)
-    ref_norm, _ = single.step()
-    result["grad_norm"] = [float(norm), float(ref_norm)]
-    result["max_param_diff"] = max((p.full_tensor() - ref[n]).abs().max().item() for n, p in strat.model.named_parameters())
-    result["bytes"] = strat.local_state_bytes()
-    result["single_bytes"] = single.local_state_bytes()
+    ref_stats = single.step()
+    assert not stats.skipped and not ref_stats.skipped and stats.lr == ref_stats.lr
+    result["grad_norm"] = [float(stats.grad_norm), float(ref_stats.grad_norm)]
+    result["max_param_diff"] = max((p.full_tensor() - ref[n]).abs().max().item()
+                                   for n, p in engine.raw.named_parameters())
+    result["bytes"] = engine.state_bytes()
+    result["single_bytes"] = single.state_bytes()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()  # leave together (gloo can abort a rank that tears down while its peer still works)
     dist.destroy_process_group()
@@ -132,6 +138,7 @@ def test_fsdp_meta_init_state_bytes_and_one_step(tmp_path, replicate):
     for rank in range(2):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["all_dtensor_on_meta"], "fully_shard must turn meta parameters into DTensor shards"
+        assert r["dims"] == {"pp": 1, "dp_replicate": replicate, "dp_shard": 2 // replicate, "tp": 1}
         assert r["init_equal"], "initial FSDP weights differ from the single-process init"
         assert r["max_param_diff"] < 1e-6, r["max_param_diff"]
         assert abs(r["grad_norm"][0] - r["grad_norm"][1]) < 1e-5 * r["grad_norm"][1]
@@ -151,20 +158,30 @@ def test_fsdp_meta_init_state_bytes_and_one_step(tmp_path, replicate):
 
 
 def test_fsdp_bad_input_messages():
-    from train.strategy.fsdp import validate_fsdp_config
+    from train.config import ConfigError, validate
+    from train.parallel import ParallelDims
 
-    with pytest.raises(ValueError, match=r"^strategy.offload='optimizer' is not supported by strategy=fsdp; "
-                                         r"allowed: none, params"):
-        validate_fsdp_config(make_cfg(strategy__name="fsdp", strategy__offload="optimizer"), 2)
+    with pytest.raises(ConfigError, match=r"^strategy.offload='optimizer' is not supported by strategy=fsdp; "
+                                          r"allowed: none, params"):
+        validate(make_cfg(strategy__name="fsdp", strategy__offload="optimizer"))
+    cfg = make_cfg(strategy__name="fsdp", strategy__replicate_degree=3)
     with pytest.raises(ValueError, match=r"^strategy.replicate_degree=3 must be >= 1 and divide the world size 2$"):
-        validate_fsdp_config(make_cfg(strategy__name="fsdp", strategy__replicate_degree=3), 2)
+        ParallelDims.resolve("fsdp", cfg.parallel, 2, cfg.strategy.replicate_degree)
 
 
-def test_fsdp_refuses_foreign_checkpoint_format(tmp_path_factory, tmp_path):
-    """Resuming a single-process (format torch) checkpoint under fsdp: a one-line error, exit 2."""
-    proc = train_run(tmp_path / "run", [*corpus_overrides(tmp_path_factory), "strategy=fsdp", "train.max_steps=20",
-                                        "train.micro_batch_size=4",
-                                        f"resume={ckpt(single_run(tmp_path_factory), 10)}"], check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "format 'torch'" in err[0] and "'dcp'" in err[0], err
+def test_fsdp_resumes_a_single_process_checkpoint(tmp_path_factory, tmp_path):
+    """Every native layout writes DCP: a single-process checkpoint (step 10) continues under fsdp on one
+    process with the uninterrupted single run's losses, and writes an fsdp checkpoint."""
+    single = single_run(tmp_path_factory)
+    meta = json.loads((ckpt(single, 10) / "meta.json").read_text())
+    assert (meta["format"], meta["strategy"], meta["world_size"]) == ("dcp", "single", 1)
+    assert meta["parallel"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
+    run = tmp_path / "run"
+    train_run(run, [*corpus_overrides(tmp_path_factory), "strategy=fsdp", "train.max_steps=20",
+                    "train.micro_batch_size=4", "train.ckpt_every=10", f"resume={ckpt(single, 10)}"])
+    got = losses(run)
+    assert sorted(got) == list(range(11, 21))
+    assert_losses_close(got, single_losses(tmp_path_factory), range(11, 21), 1e-5)
+    assert_losses_close(losses(run, "val_loss"), losses(single, "val_loss"), [20], 1e-5)
+    meta = json.loads((ckpt(run, 20) / "meta.json").read_text())
+    assert (meta["format"], meta["strategy"], meta["world_size"]) == ("dcp", "fsdp", 1)
