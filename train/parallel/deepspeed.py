@@ -198,20 +198,6 @@ class DeepSpeedEngine(Engine):
         self.loss_scaling = cfg.precision.name == "fp16"  # DeepSpeed's fp16 block scales the loss dynamically
         seed_training(cfg.train.seed, self.dp_rank)
 
-    def _init_whole(self) -> nn.Module:
-        from model import GPT
-
-        if self.spec.init_from is not None:
-            from train.init_from import load_hf_model
-
-            return load_hf_model(self.spec.gpt_config, self.spec.init_from, self.device)
-        with torch.device("meta"):
-            model = GPT(self.spec.gpt_config)
-        model.to_empty(device=self.device)
-        with torch.no_grad():
-            model.init_weights()
-        return model
-
     def _load_hf_weights(self, model: nn.Module) -> None:
         """ZeRO-3: rank 0 reads the Hugging Face checkpoint (one full copy, on CPU); each parameter is
         gathered, overwritten on rank 0 and re-partitioned from it."""

@@ -136,6 +136,22 @@ class Engine(ABC):
     def dp_group(self):
         return None  # the world: every rank is a data-parallel rank
 
+    def _init_whole(self) -> nn.Module:
+        """The single-process model for ``train.seed`` (or the Hugging Face weights of ``model.init_from``),
+        built on ``meta`` and materialised once on the device."""
+        from model import GPT
+
+        if self.spec.init_from is not None:
+            from train.init_from import load_hf_model
+
+            return load_hf_model(self.spec.gpt_config, self.spec.init_from, self.device)
+        with torch.device("meta"):
+            model = GPT(self.spec.gpt_config)
+        model.to_empty(device=self.device)
+        with torch.no_grad():
+            model.init_weights()
+        return model
+
 
 class NativeEngine(Engine):
     """One process, DDP, FSDP2 / HSDP and tensor + sequence parallel on the one device mesh."""
@@ -199,22 +215,6 @@ class NativeEngine(Engine):
             model.init_buffers(self.device)
         seed_training(t.seed, self.dp_rank)
         return model, model
-
-    def _init_whole(self) -> nn.Module:
-        """The single-process model for ``train.seed`` (or the Hugging Face weights of ``model.init_from``),
-        built on ``meta`` and materialised once on the device."""
-        from model import GPT
-
-        if self.spec.init_from is not None:
-            from train.init_from import load_hf_model
-
-            return load_hf_model(self.spec.gpt_config, self.spec.init_from, self.device)
-        with torch.device("meta"):
-            model = GPT(self.spec.gpt_config)
-        model.to_empty(device=self.device)
-        with torch.no_grad():
-            model.init_weights()
-        return model
 
     def _load_hf_sharded(self, model: nn.Module) -> None:
         """Rank 0 reads the Hugging Face checkpoint (one full copy, on CPU); every rank receives only its shards."""
