@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_sharded import (
     assert_losses_close,
+    build_engine_of,
     ckpt,
     corpus_overrides,
     init_gloo,
@@ -19,6 +20,7 @@ from test_sharded import (
     single_losses,
     single_run,
     spawn,
+    tiny_cfg,
     tiny_gpt_config,
     train_run,
 )
@@ -72,35 +74,37 @@ def _zero_worker(rank: int, world_size: int, port: int, out_dir: str, stage: int
     import torch.distributed as dist
 
     from train.distributed import DistInfo
-    from train.strategy.base import SingleStrategy
-    from train.strategy.deepspeed import DeepSpeedStrategy
+    from train.parallel.deepspeed import DeepSpeedEngine
 
     gpt = tiny_gpt_config()
-    cfg = make_cfg(strategy__name=f"zero{stage}", strategy__zero_stage=stage, strategy__param_persistence_threshold=0,
-                   train__seed=7, train__micro_batch_size=2)
-    strat = DeepSpeedStrategy(cfg, DistInfo(rank=rank, local_rank=rank, world_size=world_size))
-    strat.build(gpt)
-    single = SingleStrategy(cfg, DistInfo())
-    single.build(gpt)
-    ref = dict(single.model.named_parameters())
-    result: dict = {"partitioned": all(p.numel() == 0 for p in strat.raw_model.parameters())}
+    common = {"train__seed": 7, "train__micro_batch_size": 2}
+    cfg = tiny_cfg(strategy__name=f"zero{stage}", strategy__zero_stage=stage, strategy__param_persistence_threshold=0,
+                   **common)
+    engine = build_engine_of(cfg, DistInfo(rank=rank, local_rank=rank, world_size=world_size))
+    assert isinstance(engine, DeepSpeedEngine) and engine.spec.gpt_config == gpt
+    single = build_engine_of(tiny_cfg(strategy__name="single", **common), DistInfo())
+    ref = dict(single.raw.named_parameters())
+    module = engine.engine.module  # the plain GPT inside the DeepSpeed engine
+    result: dict = {"partitioned": all(p.numel() == 0 for p in module.parameters())}
     equal = True
-    for n, p in strat.raw_model.named_parameters():
+    for n, p in module.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             equal &= torch.equal(p.data, ref[n].data)
     result["init_equal"] = bool(equal)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 96, (4, 32), generator=g), torch.randint(0, 96, (4, 32), generator=g)
-    strat.micro_step(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2], last=True)
-    strat.step()
+    engine.micro_step(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2], last=True)
+    stats = engine.step()
     single.micro_step(x, y, last=True)
-    single.step()
+    ref_stats = single.step()
+    assert not stats.skipped and not ref_stats.skipped and stats.lr == ref_stats.lr
+    result["grad_norm"] = [float(stats.grad_norm), float(ref_stats.grad_norm)]
     diff = 0.0
-    for n, p in strat.raw_model.named_parameters():
+    for n, p in module.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             diff = max(diff, (p.data - ref[n].data).abs().max().item())
     result["max_param_diff"] = diff
-    result["bytes"], result["single_bytes"] = strat.local_state_bytes(), single.local_state_bytes()
+    result["bytes"], result["single_bytes"] = engine.state_bytes(), single.state_bytes()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()  # leave together (gloo can abort a rank that tears down while its peer still works)
     dist.destroy_process_group()
@@ -114,6 +118,7 @@ def test_zero3_init_state_bytes_and_one_step(tmp_path):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["partitioned"] and r["init_equal"]
         assert r["max_param_diff"] < 1e-6, r["max_param_diff"]
+        assert abs(r["grad_norm"][0] - r["grad_norm"][1]) < 1e-5 * r["grad_norm"][1], r["grad_norm"]
         b, s = r["bytes"], r["single_bytes"]
         for key in ("params", "optimizer"):
             assert abs(b[key] / s[key] - 0.5) < 0.05, (key, b[key], s[key])
@@ -128,6 +133,7 @@ def test_zero1_one_step_and_state_bytes(tmp_path):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert not r["partitioned"] and r["init_equal"]
         assert r["max_param_diff"] < 1e-6, r["max_param_diff"]
+        assert abs(r["grad_norm"][0] - r["grad_norm"][1]) < 1e-5 * r["grad_norm"][1], r["grad_norm"]
         b, s = r["bytes"], r["single_bytes"]
         assert b["params"] == s["params"]
         assert abs(b["optimizer"] / s["optimizer"] - 0.5) < 0.05, (b["optimizer"], s["optimizer"])
@@ -137,7 +143,7 @@ def test_zero1_one_step_and_state_bytes(tmp_path):
 
 
 def test_ds_config_generated_from_hydra_config(tmp_path):
-    from train.strategy.deepspeed import build_ds_config
+    from train.parallel.deepspeed import build_ds_config
 
     cfg = make_cfg(strategy__name="zero3", strategy__zero_stage=3, strategy__offload="params", train__micro_batch_size=3,
                    train__grad_accum=4, optim__grad_clip=0.5, precision__name="bf16",
@@ -167,7 +173,7 @@ def test_ds_config_generated_from_hydra_config(tmp_path):
     ({"train__compile": True}, r"^train.compile=true is not supported with strategy=zero3"),
 ])
 def test_ds_config_bad_values(overrides, message):
-    from train.strategy.deepspeed import build_ds_config
+    from train.parallel.deepspeed import build_ds_config
 
     cfg = make_cfg(**{"strategy__name": "zero3", "strategy__zero_stage": 3, **overrides})
     with pytest.raises(ValueError, match=message):
