@@ -139,7 +139,7 @@ def test_resume_continues_exactly(tmp_path: Path, corpus: Path) -> None:
 @pytest.mark.parametrize(("strategy", "nproc"), [("ddp", 2), ("zero2", 1), ("fsdp", 2), ("zero3", 2)])
 def test_data_parallel(strategy: str, nproc: int, tmp_path: Path, corpus: Path) -> None:
     """Every strategy starts from the checkpoint: DDP, FSDP2 and ZeRO-3 on 2 gloo ranks (torchrun); ZeRO-2 in
-    one process (the same Strategy.init_model path as DDP, without a second DeepSpeed start-up on CI's 2 cores)."""
+    one process (the same whole-model init path as DDP, without a second DeepSpeed start-up on CI's 2 cores)."""
     hf = llama_dir(tmp_path / "llama", corpus)
     args = (*STEP1, *data_args(corpus, tmp_path / "cache"), f"strategy={strategy}")
     res = run_train(tmp_path / "run", f"model.init_from={hf}", *args, nproc=nproc, env={"DS_ACCELERATOR": "cpu"})

@@ -30,7 +30,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from train.strategy.sharded_init import replay_init
+    from train.parallel.sharded_init import replay_init
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

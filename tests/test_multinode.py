@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 __all__ = ["slurm_cluster_2n", "zero3_reference"]  # fixtures used below
 
 HSDP = ("strategy=fsdp", "strategy.replicate_degree=2")
-HAS_ZERO3 = (REPO / "train" / "strategy" / "deepspeed.py").is_file()
+HAS_ZERO3 = (REPO / "train" / "parallel" / "deepspeed.py").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_hsdp_across_two_nodes_matches_single_node(slurm_cluster_2n, hsdp_refere
     assert_same_losses(losses_by_step(run_dir), hsdp_reference, 1e-5)
 
 
-@pytest.mark.skipif(not HAS_ZERO3, reason="strategy=zero3 (train/strategy/deepspeed.py) is not in this build yet")
+@pytest.mark.skipif(not HAS_ZERO3, reason="strategy=zero3 (train/parallel/deepspeed.py) is not in this build yet")
 def test_zero3_across_two_nodes_matches_single_node(slurm_cluster_2n, zero3_reference, tmp_path):
     """sbatch -N 2 launch/slurm/deepspeed.sbatch strategy=zero3: DeepSpeed's per-node launcher on each
     node (started by srun, no ssh) with the hostfile written from the allocation."""

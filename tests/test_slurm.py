@@ -72,8 +72,8 @@ def test_torchrun_sbatch_requeued_job_resumes_with_torchrun_sh_losses(slurm_clus
     assert ckpt is not None and ckpt.name == "step_0000008" and (ckpt / "meta.json").is_file()
 
 
-@pytest.mark.skipif(not (REPO / "train" / "strategy" / "deepspeed.py").is_file(),
-                    reason="strategy=zero3 (train/strategy/deepspeed.py) is not in this build yet")
+@pytest.mark.skipif(not (REPO / "train" / "parallel" / "deepspeed.py").is_file(),
+                    reason="strategy=zero3 (train/parallel/deepspeed.py) is not in this build yet")
 def test_deepspeed_sbatch_zero3_preempted_with_usr1_requeues_itself_and_matches(slurm_cluster, zero3_reference,
                                                                                   tmp_path):
     """sbatch launch/slurm/deepspeed.sbatch (ZeRO-3, 2 ranks) gets the pre-emption signal that
