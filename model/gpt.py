@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import GPTConfig
+from model.loss import fused_linear_cross_entropy
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
@@ -209,6 +210,18 @@ class Block(nn.Module):
         return x + (self.mlp(h_mlp) + self.attn(h, cos, sin, kv_cache, start_pos))
 
 
+class LMHead(nn.Linear):
+    """The output projection (an nn.Linear, bias-free). `head(x)` -> logits (B, T, V); `head(x, targets)` -> the
+    mean token loss through the fused, chunked head + cross-entropy (model/loss.py), which never holds the
+    (B, T, V) logits. The loss runs inside this module's forward so that whatever gathers the module's weight
+    around its forward (FSDP2's root unit, DeepSpeed ZeRO-3's module hooks) has gathered it here too."""
+
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        if targets is None:
+            return super().forward(x)
+        return fused_linear_cross_entropy(x, self.weight, targets)
+
+
 def _embedding(num: int, dim: int) -> nn.Embedding:
     """nn.Embedding without its default init: init_weights() sets the values, and normal_() on `meta` goes through
     a Python meta kernel whose first call imports torch._dynamo (seconds of start-up for every run)."""
@@ -219,7 +232,8 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
 
 
 class GPT(nn.Module):
-    """Token embedding -> n_layer Blocks -> final norm -> LM head. `forward` returns logits (the trainer owns the loss)."""
+    """Token embedding -> n_layer Blocks -> final norm -> LM head. `forward` returns logits, or with `targets` the mean
+    token loss through the fused, chunked head + cross-entropy (the training path: no (B, T, V) logits)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -240,7 +254,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm_f = build_norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos == "rope":  # rebuilt by init_buffers(); never saved
@@ -306,8 +320,12 @@ class GPT(nn.Module):
     # ---- forward ----------------------------------------------------------------------------
 
     def forward(self, idx: Tensor, return_hidden: bool = False, *, kv_cache: KVCache | None = None,
-                start_pos: int = 0) -> Tensor | tuple[Tensor, Tensor]:
-        """idx (B, T) token ids -> logits (B, T, vocab); with return_hidden also the final-normed hidden (B, T, C)."""
+                start_pos: int = 0, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """idx (B, T) token ids -> logits (B, T, vocab); with return_hidden also the final-normed hidden (B, T, C).
+
+        With `targets` (B, T) it returns the mean fp32 token loss instead of the logits (with return_hidden:
+        (loss, hidden)), computed by the LM head a chunk of tokens at a time (model/loss.py): the logits are never
+        materialised, and with gradients enabled the head's gradients are formed in this forward pass."""
         cfg = self.config
         if idx.dim() != 2:
             raise ValueError(f"idx must be token ids of shape (B, T); got shape {tuple(idx.shape)}")
@@ -326,6 +344,11 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, kv_cache.layers[i] if kv_cache is not None else None, start_pos)
         x = self.norm_f(x)
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets {tuple(targets.shape)} must have the shape of idx {tuple(idx.shape)}")
+            loss = self.lm_head(x, targets)  # scalar; no (B, T, V) tensor
+            return (loss, x) if return_hidden else loss
         logits = self.lm_head(x)  # (B, T, V)
         return (logits, x) if return_hidden else logits
 

@@ -144,6 +144,10 @@ class TrainConfig:
     seed: int = 1337
     activation_checkpointing: str = "none"  # none | full (every block) | selective (op-level SAC)
     compile: bool = False  # torch.compile each block
+    # the training loss: fused (the model's chunked LM head + cross-entropy, no [B, T, V] logits; model/loss.py) |
+    # chunked_logits (full logits, then train/loss.py's chunked cross-entropy) | torch (F.cross_entropy on fp32
+    # logits). Under tensor parallelism the vocabulary-parallel loss runs whatever this says.
+    loss_impl: str = "fused"
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the start and the end
@@ -208,6 +212,9 @@ def validate(cfg) -> None:
     _check(t.activation_checkpointing in AC_MODES,
            f"train.activation_checkpointing={t.activation_checkpointing!r} is not one of {', '.join(AC_MODES)}")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} is not one of auto, cpu, cuda")
+    from train.loss import LOSS_IMPLS
+
+    _check(t.loss_impl in LOSS_IMPLS, f"train.loss_impl={t.loss_impl!r} is not one of {', '.join(LOSS_IMPLS)}")
     o = cfg.optim
     _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
     _check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")

@@ -1,4 +1,6 @@
-"""Mean token cross-entropy that computes its gradient in the forward pass, a chunk of tokens at a time.
+"""Mean token cross-entropy of full logits that computes its gradient in the forward pass, a chunk of tokens
+at a time (`train.loss_impl=chunked_logits`; the default `fused` path never forms the full logits at all:
+model/loss.py, reached through `model(idx, targets=y)`).
 
 `F.cross_entropy(logits.float(), y)` keeps, per token, the fp32 log-softmax for backward, and backward
 adds its gradient and the logits' gradient: about 16 x vocab bytes per token on top of the logits,
@@ -14,6 +16,10 @@ input, not its output), so one V-wide tensor per token lives from the loss to th
 from __future__ import annotations
 
 import torch
+
+# train.loss_impl: the model's fused head + loss (model/loss.py), full logits + cross_entropy below, or
+# F.cross_entropy on fp32 logits (the plain reference)
+LOSS_IMPLS = ("fused", "chunked_logits", "torch")
 
 # fp32 elements of one chunk's log-softmax (and of its upcast logits when they are 16-bit): 16 M = 64 MiB
 _CHUNK_ELEMENTS = 1 << 24
@@ -44,6 +50,11 @@ class _FusedCrossEntropy(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # the buffer is used once (the graph is not retained), so it is scaled in place
         return grad.mul_(grad_out.to(grad.dtype)).to(ctx.logits_dtype), None, None
+
+
+def torch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`train.loss_impl=torch`: `F.cross_entropy` on fp32 logits (keeps the fp32 log-softmax for backward)."""
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

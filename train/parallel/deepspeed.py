@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from train.checkpoint import CheckpointError, torch_load
-from train.loss import cross_entropy
+from train.loss import cross_entropy, torch_cross_entropy
 from train.parallel.engine import Engine, StepStats, nbytes
 from train.parallel.rng import seed_init, seed_training
 from train.parallel.sharded_init import replay_init
@@ -217,9 +217,13 @@ class DeepSpeedEngine(Engine):
 
     def micro_step(self, x, y, *, last, poison=False):
         self.engine.train()
-        logits = self.engine(x)  # [B, T, V]
-        loss = cross_entropy(logits, y)
-        del logits  # the loss holds the logits' gradient; the logits themselves are not needed again
+        impl = self.cfg.train.loss_impl
+        if impl == "fused":  # the model's chunked head + loss: ZeRO-3 gathers the head in its module hooks
+            loss = self.engine(x, targets=y)
+        else:
+            logits = self.engine(x)  # [B, T, V]
+            loss = cross_entropy(logits, y) if impl == "chunked_logits" else torch_cross_entropy(logits, y)
+            del logits  # the loss holds the logits' gradient; the logits themselves are not needed again
         if poison:
             loss = loss * float("nan")
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
@@ -238,15 +242,17 @@ class DeepSpeedEngine(Engine):
         return StepStats(norm, overflow or not bool(torch.isfinite(norm)), lr)
 
     @torch.no_grad()
-    def _forward_eval(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_eval(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         was_training = self.engine.training
         self.engine.eval()
         try:
-            return self.engine(x)
+            return self.engine(x) if targets is None else self.engine(x, targets=targets)
         finally:
             self.engine.train(was_training)
 
     def eval_loss(self, x, y):
+        if self.cfg.train.loss_impl == "fused":  # chunk by chunk, without the logits
+            return self._forward_eval(x, y)
         return torch.nn.functional.cross_entropy(self._forward_eval(x).float().flatten(0, 1), y.flatten())
 
     @torch.no_grad()

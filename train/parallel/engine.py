@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from train.checkpoint import CheckpointError, check_dcp_files, check_shapes, dcp_failure_line, torch_load
 from train.distributed import DistInfo
-from train.loss import cross_entropy
+from train.loss import cross_entropy, torch_cross_entropy
 from train.optim import build_optimizer, build_scheduler
 from train.parallel.rng import seed_init, seed_training
 from train.parallelize import apply_ac, apply_compile, apply_ddp, apply_fsdp, ensure_process_group
@@ -248,18 +248,30 @@ class NativeEngine(Engine):
 
         return loss_parallel()  # cross-entropy on vocabulary shards (forward and backward)
 
+    @property
+    def _fused_loss(self) -> bool:
+        """The model computes the loss itself (fused, chunked LM head + cross-entropy: no [B, T, V] logits).
+        Under tensor parallelism the logits are vocabulary shards and the vocabulary-parallel loss runs instead."""
+        return not self.tp and self.cfg.train.loss_impl == "fused"
+
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.tp:  # logits are a DTensor sharded over the vocabulary: [B, T, V / tp] per rank
             return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        if self.cfg.train.loss_impl == "torch":
+            return torch_cross_entropy(logits, y)
         return cross_entropy(logits, y)  # chunked fp32 loss, gradient computed in forward (train/loss.py)
 
     def micro_step(self, x, y, *, last, poison=False):
         self.model.train()
         with self._no_sync(last), self._loss_ctx():
-            with self.precision.autocast_ctx():
-                logits = self.model(x)
-            loss = self._loss(logits, y) / self.cfg.train.grad_accum
-            del logits  # the loss holds what backward needs (its gradient, or the sharded log-softmax)
+            if self._fused_loss:
+                with self.precision.autocast_ctx():
+                    loss = self.model(x, targets=y) / self.cfg.train.grad_accum
+            else:
+                with self.precision.autocast_ctx():
+                    logits = self.model(x)
+                loss = self._loss(logits, y) / self.cfg.train.grad_accum
+                del logits  # the loss holds what backward needs (its gradient, or the sharded log-softmax)
             if poison:
                 loss = loss * float("nan")
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -301,17 +313,19 @@ class NativeEngine(Engine):
         return StepStats(norm.detach(), not finite, lr)
 
     @torch.no_grad()
-    def _forward_eval(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_eval(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
         try:
             with self.precision.autocast_ctx():
-                return self.model(x)
+                return self.model(x) if targets is None else self.model(x, targets=targets)
         finally:
             self.model.train(was_training)
 
     @torch.no_grad()
     def eval_loss(self, x, y):
+        if self._fused_loss:  # the loss chunk by chunk, without the logits
+            return self._forward_eval(x, y)
         with self._loss_ctx():
             loss = self._loss(self._forward_eval(x), y)
         return loss.full_tensor() if isinstance(loss, DTensor) else loss
