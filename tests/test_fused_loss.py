@@ -4,6 +4,8 @@ fp16 + GradScaler, FSDP2 on 2 gloo ranks, evaluation, config errors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,3 +214,58 @@ def test_fused_on_2_ranks_equals_one_process(strategy, monkeypatch):
     want = {"losses": losses, "grad_norm": float(stats.grad_norm),
             "params": {n: p.detach().clone() for n, p in engine.raw.named_parameters()}}
     spawn(_sharded_worker, 2, strategy, want)
+
+
+# ---------------------------------------------------------------- the planner's model of the fused loss
+
+
+@pytest.mark.parametrize("impl", ["fused", "chunked_logits"])
+@pytest.mark.parametrize("ac,autocast", [("none", False), ("full", False), ("none", True)],
+                         ids=["fp32", "fp32-full-ac", "bf16-autocast"])
+def test_planner_peak_vs_tracked_tensors(impl, ac, autocast):
+    """V = 32000 over 1024 tokens (the head sets the peak): train.plan's activation peak for the chosen
+    loss path against torch's own tensor accounting of one micro-step, within 10%."""
+    from model import GPT, GPTConfig
+    from train.bench import TensorMemoryTracker
+    from train.loss import cross_entropy
+    from train.parallelize import apply_ac
+    from train.plan import activation_bytes, model_shape
+
+    name, Bs, Ts, V = "llama-tiny", 4, 256, 32000
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(name, vocab_size=V))
+    apply_ac(model, ac)
+    x, y = torch.randint(0, V, (Bs, Ts)), torch.randint(0, V, (Bs, Ts))
+    mode = TensorMemoryTracker(exclude=list(model.parameters()) + list(model.buffers()))
+    with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if impl == "fused":
+            loss = model(x, targets=y)
+        else:
+            logits = model(x)
+            loss = cross_entropy(logits, y)
+            del logits
+        loss.backward()
+        del loss
+    grads = sum(p.grad.numel() * 4 for p in model.parameters())
+    s = model_shape(name, Ts, vocab_size=V)
+    act = 2 if autocast else 4
+    est = activation_bytes(s, Bs, Ts, ac, act=act, resid=4, autocast=autocast, weight_casts=autocast,
+                           loss_impl=impl)
+    predicted = est.peak(grads, s.root_params * 4)
+    print(f"{impl} {ac} autocast={autocast}: predicted {predicted / 2**20:.1f} MiB, tracked {mode.peak / 2**20:.1f} MiB")
+    assert predicted == pytest.approx(mode.peak, rel=0.10), (predicted, mode.peak)
+
+
+def test_bench_runs_the_chosen_loss_path():
+    """python -m train.bench builds the trainer's engine with train.loss_impl and says which loss ran; a bad
+    value is the config's one-line error (exit 2)."""
+    from train.bench import compose_config, run_bench
+
+    base = ["model=gpt2-tiny", "model.n_layer=1", "model.vocab_size=512", "train.micro_batch_size=2",
+            "train.seq_len=32", "train.device=cpu"]
+    for impl in ("fused", "chunked_logits", "torch"):
+        r = run_bench(compose_config([*base, f"train.loss_impl={impl}"]), steps=1, warmup=0,
+                      dist=DistInfo(device=torch.device("cpu")))
+        assert r["loss_impl"] == impl and math.isfinite(r["loss"])
+    with pytest.raises(ValueError, match="train.loss_impl='x' is not one of fused, chunked_logits, torch"):
+        compose_config([*base, "train.loss_impl=x"])

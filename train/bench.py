@@ -216,6 +216,8 @@ def run_bench(cfg: Any, steps: int = 10, warmup: int = 3, data: str = "synthetic
         "precision": cfg.precision.name,
         "activation_checkpointing": t.activation_checkpointing,
         "compile": bool(t.compile),
+        # the loss path the step ran (train.loss_impl; under tensor parallelism the vocabulary-parallel loss)
+        "loss_impl": "vocab_parallel" if dims.tp > 1 else t.loss_impl,
         "micro_batch_size": t.micro_batch_size,
         "grad_accum": t.grad_accum,
         "seq_len": t.seq_len,
@@ -272,7 +274,8 @@ def format_table(r: dict) -> str:
     rows = [
         ("model", f"{r['model']} ({r['n_params'] / 1e6:.1f}M params)"),
         ("config", (f"{r['strategy']} x{r['world_size']} {r['precision']} ac={r['activation_checkpointing']} "
-                   f"compile={r['compile']} B={r['micro_batch_size']} A={r['grad_accum']} T={r['seq_len']}")),
+                   f"compile={r['compile']} loss={r['loss_impl']} B={r['micro_batch_size']} A={r['grad_accum']} "
+                   f"T={r['seq_len']}")),
         ("device", r["device"]),
         ("step time (median)", f"{r['step_time_s'] * 1e3:.1f} ms over {r['steps']} steps after {r['warmup']} warm-up"),
         ("tokens/s", f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s_per_device']:,.0f} per device)"),

@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from model.loss import chunk_tokens as fused_chunk_tokens
+from train.loss import LOSS_IMPLS
 from train.loss import chunk_tokens as loss_chunk_tokens
 from train.metrics import GPU_DATASHEETS
 
@@ -95,6 +97,7 @@ class PlanArgs:
     dp_shard: int | None = None  # FSDP2 shard group size; -1 = the rest of the world
     optimizer: str = "fused"  # AdamW kernel: fused (no step temporaries) | foreach | forloop (torch's CPU default)
     ddp_bucket_view: bool = False  # DDP(gradient_as_bucket_view=True) shares buckets with the gradients
+    loss_impl: str = "fused"  # the trainer's train.loss_impl: fused | chunked_logits | torch (tp > 1: vocab-parallel)
 
     def validate(self) -> None:
         """One-line ValueError naming the bad value and what is allowed."""
@@ -103,6 +106,7 @@ class PlanArgs:
         _choice("precision", self.precision, PRECISIONS)
         _choice("ac", self.ac, AC_MODES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         for name in ("nodes", "gpus", "micro_batch", "grad_accum", "seq_len", "tp", "pp"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -478,8 +482,9 @@ class ActivationEstimate:
 
     saved_blocks: float  # kept by all blocks from forward to backward
     head_inputs: float  # token ids, final norm input, LM-head input
-    logits: float  # the model's output, freed once the loss has its gradient
-    loss_temps: float  # train.loss: the logits' gradient (same bytes) + one fp32 chunk of the loss
+    logits: float  # the model's output, freed once the loss has its gradient (0 for the fused loss: never formed)
+    loss_temps: float  # chunked_logits: the logits' gradient (same bytes) + one fp32 chunk of the loss;
+    # fused: the hidden states' and the head weight's gradients (fp32) + one chunk's V-wide buffers
     recompute_block: float  # one block re-run in backward (AC)
     weight_casts_forward: float  # autocast's 16-bit weight cache, alive until autocast exits
     weight_casts_kept: float  # the part of it saved for backward
@@ -507,7 +512,7 @@ class ActivationEstimate:
 
 def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act: int, resid: int,
                      autocast: bool, weight_casts: bool = False, fp16: bool = False,
-                     split: TPSplit | None = None) -> ActivationEstimate:
+                     split: TPSplit | None = None, loss_impl: str = "chunked_logits") -> ActivationEstimate:
     """Activation bytes of one micro-batch (micro_batch x seq_len tokens) on one device.
 
     none       every block's saved tensors (`block_saved_bytes_per_token`);
@@ -522,6 +527,14 @@ def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act
     `loss_parallel` (train/parallel/engine.py): not chunked, it keeps fp32 temporaries over the whole shard,
     counted as 12 bytes per local vocabulary entry per token beside the logits (the fp32 copy, the shifted
     logits and their exp in forward; the saved log-softmax, the NLL's and the log-softmax's gradients in backward).
+
+    `loss_impl` (train.loss_impl; without TP): `chunked_logits` as above; `torch` = F.cross_entropy(logits.float()),
+    12 bytes per vocabulary entry per token beside the logits; `fused` (model/loss.py) never forms the logits: the
+    loss holds the hidden states' gradient [B*T, C] (compute dtype; fp32 under fp16), the head weight's gradient
+    [V, C] in fp32 (summed chunk by chunk; it becomes the parameter's gradient) and one chunk's V-wide buffers
+    (fp32 [c, V]; with 16-bit compute also the 16-bit logits of the chunk, then its 16-bit gradient, and under bf16
+    the chunk's 16-bit [V, C] weight-gradient product), plus a 16-bit copy of an fp32 head weight (autocast does not
+    cast it: the loss does, for its own duration; an fp16 weight is instead read as fp32 by the gradient matmuls).
     """
     split = split or TPSplit(tp=1, kv_replicated=False, sharded=0, replicated=s.n_params, per_rank=(s.n_params,),
                              local=s.n_params, local_block=s.block_params, local_root=s.root_params,
@@ -548,12 +561,31 @@ def activation_bytes(s: ModelShape, micro_batch: int, seq_len: int, ac: str, act
         head_w = V * h
         casts_kept = casts_all if ac == "none" else 2.0 * head_w  # checkpointed blocks recompute theirs
         recompute += 2.0 * split.local_block if ac != "none" else 0.0
-    if tp > 1:  # loss_parallel over the whole vocabulary shard, fp32
+    logits = act * V * tokens
+    if tp > 1 or loss_impl == "torch":
+        # F.cross_entropy on fp32 logits (TP: loss_parallel over the whole vocabulary shard): the fp32
+        # log-softmax + two V-wide gradients
         loss_temps = 12.0 * V * tokens
+    elif loss_impl == "fused":  # model/loss.py: no logits; gradients formed chunk by chunk in the forward
+        c = min(tokens, fused_chunk_tokens(V))
+        logits = 0.0
+        if act == 4:
+            chunk = 4.0 * c * V  # one fp32 [c, V] buffer, every step in place
+        else:  # 16-bit logits + their fp32 copy, then the fp32 copy + the 16-bit gradient (fp16: kept fp32)
+            chunk = 6.0 * c * V
+            if not fp16:
+                chunk = max(chunk, 2.0 * c * V + 2.0 * V * h)  # bf16: the chunk's [V, C] weight-gradient product
+        head_w = V * h
+        if weight_casts:  # fp32 master weight: cast to 16 bits by the loss, not by autocast (no cached copy)
+            casts_all, casts_kept = casts_all - 2.0 * head_w, max(0.0, casts_kept - 2.0 * head_w)
+            chunk += 2.0 * head_w
+        elif fp16 and act != 4:  # a 16-bit weight (FSDP2 / DeepSpeed): read as fp32 by the gradient matmuls
+            chunk += 4.0 * head_w
+        loss_temps = (4 if fp16 else act) * h * tokens + 4.0 * head_w + chunk
     else:  # train.loss: the logits' gradient + one chunk's fp32 log-softmax (+ the chunk upcast, for 16-bit logits)
         loss_temps = (4 if fp16 else act) * V * tokens + (4.0 if act == 4 else 8.0) * V * min(tokens, loss_chunk_tokens(V))
     return ActivationEstimate(
-        saved_blocks=saved, head_inputs=head_inputs, logits=act * V * tokens,
+        saved_blocks=saved, head_inputs=head_inputs, logits=logits,
         loss_temps=loss_temps,
         recompute_block=recompute, weight_casts_forward=casts_all, weight_casts_kept=casts_kept,
         block_input=block_input if ac != "none" else 0.0,
@@ -669,7 +701,7 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
     resid_b = 4 if (not low or engine in ("single", "ddp")) else 2
     acts = activation_bytes(s, a.micro_batch, a.seq_len, a.ac, act_b, resid_b, autocast,
                             weight_casts=low and engine in ("single", "ddp"), fp16=a.precision == "fp16",
-                            split=split)
+                            split=split, loss_impl=a.loss_impl)
 
     unit = max(split.local_block, split.local_root)
     comm = 0.0
@@ -929,6 +961,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inter_node_gbps", type=float, default=d.inter_node_gbps)
     p.add_argument("--optimizer", default=d.optimizer, help=f"AdamW kernel: one of {', '.join(OPTIMIZERS)}")
     p.add_argument("--ddp_bucket_view", action="store_true", help="DDP gradient_as_bucket_view=True")
+    p.add_argument("--loss_impl", default=d.loss_impl, help=f"train.loss_impl: one of {', '.join(LOSS_IMPLS)}")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
