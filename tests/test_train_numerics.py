@@ -112,6 +112,46 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision):
         assert sched["scaler"]["scale"] > 0
 
 
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_autocast_is_on_and_fp16_scaler_skips_and_halves(precision, dtype):
+    """Mixed precision really runs: inside a training micro-step the blocks' matmul outputs have the 16-bit
+    dtype (fp32 under precision=fp32), the losses differ from fp32 but stay close (3e-2 bf16, 5e-3 fp16); under fp16 an
+    injected NaN makes the GradScaler skip that step and halve its scale."""
+    from test_sharded import make_cfg
+
+    from train.config import resolve
+    from train.distributed import DistInfo
+    from train.parallel import build_engine
+
+    def run(name: str, keys: dict) -> tuple[list, list, list]:
+        cfg = make_cfg(model__n_layer=2, model__vocab_size=512, train__seq_len=32, train__micro_batch_size=4,
+                       train__device="cpu", optim__warmup_steps=2, **keys)
+        engine = build_engine(cfg, resolve(cfg, 1), DistInfo())
+        seen: list[torch.dtype] = []
+        engine.raw.blocks[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        g = torch.Generator().manual_seed(0)
+        losses, scales = [], []
+        for step in range(5):
+            xy = (torch.randint(0, 512, (4, 1), generator=g) + torch.arange(33)) % 512
+            losses.append(float(engine.micro_step(xy[:, :-1], xy[:, 1:], last=True, poison=step == 2)))
+            stats = engine.step()
+            scales.append((stats.skipped, engine.scaler.get_scale() if engine.scaler is not None else None))
+        return seen, losses, scales
+
+    p = {"bf16": {"precision__name": "bf16", "precision__param_dtype": "bfloat16", "precision__autocast": True},
+         "fp16": {"precision__name": "fp16", "precision__param_dtype": "float16", "precision__autocast": True,
+                  "precision__grad_scaler": True}}[precision]
+    seen, losses, scales = run(precision, p)
+    seen32, losses32, _ = run("fp32", {})
+    assert set(seen) == {dtype} and set(seen32) == {torch.float32}
+    tol = 3e-2 if precision == "bf16" else 5e-3
+    for step in (0, 1, 3, 4):
+        assert losses[step] != losses32[step] and abs(losses[step] - losses32[step]) < tol, (step, losses, losses32)
+    assert [s[0] for s in scales] == [False, False, True, False, False]
+    if precision == "fp16":
+        assert scales[2][1] == scales[1][1] / 2 and scales[3][1] == scales[2][1]
+
+
 def test_nan_steps_are_skipped_then_training_continues(tmp_path, caplog):
     code, run_dir = train_in_process(tmp_path / "skip", *FP32, "train.max_steps=8", "train.fault_nan_steps=[3,4]",
                                      "train.max_nan_skips=3")

@@ -47,6 +47,12 @@ def test_sampling_is_reproducible_by_seed(run_dir, capsys):
     first = capsys.readouterr().out
     assert main(args) == 0
     assert capsys.readouterr().out == first
+    # and the seed is used: two other seeds give two other texts (16 tokens at temperature 0.8)
+    others = []
+    for seed in ("8", "9"):
+        assert main([*args[:-3], seed, "--device", "cpu"]) == 0
+        others.append(capsys.readouterr().out)
+    assert len({first, *others}) == 3, "different --seed values gave the same text: the seed is ignored"
 
 
 def test_sample_bad_checkpoint_is_one_line(tmp_path, capsys):

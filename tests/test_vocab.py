@@ -36,9 +36,11 @@ def test_generate_never_draws_ids_beyond_the_limit():
 @pytest.mark.parametrize("preset", ["llama-tiny", "gemma-tiny", "falcon-tiny"])
 def test_bigger_model_vocabulary_trains_and_samples_with_gpt2(tmp_path, preset):
     """Every family's tiny preset (128256 / 256000 / 65024 ids) with the gpt2 tokenizer (50257) on Shakespeare:
-    the run ends with exit 0 and a decoded sample, and train.sample / train.export read the checkpoint."""
+    the run ends with exit 0 and a decoded sample; train.sample decodes from the checkpoint (gemma-tiny)."""
     res = run_train(tmp_path / "run", f"model={preset}", *SHORT, timeout=600)
     assert "sample at step 2:" in res.stdout and "text sample failed" not in res.stdout, res.stdout[-2000:]
+    if preset != "gemma-tiny":  # the CLI once, on the largest vocabulary (the suite's time budget)
+        return
     import subprocess
     import sys
 
