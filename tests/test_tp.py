@@ -225,8 +225,9 @@ def test_dropout_streams_differ_across_replicas_and_agree_within_tp(tmp_path):
 # the one-process run, step for step (optim.decay_steps=20 keeps the learning rates of a 20-step run)
 FIRST_HALF = ["train.max_steps=10", "optim.decay_steps=20", "train.ckpt_every=10"]
 TP2 = ["parallel.tp=2", "train.micro_batch_size=4", *FIRST_HALF]
+# dp_shard=2 x tp=2 with full activation checkpointing: the run the resume, export and sample tests reuse
 TP2_FSDP2 = ["parallel.tp=2", "parallel.dp_shard=2", "train.micro_batch_size=2", "train.trace_samples=true",
-             *FIRST_HALF]
+             "train.activation_checkpointing=full", *FIRST_HALF]
 
 
 def test_trainer_tp2_equals_one_process(tmp_path_factory):
@@ -246,12 +247,12 @@ def test_trainer_tp2_equals_one_process(tmp_path_factory):
     assert meta["format"] == "dcp" and meta["parallel"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 2}
 
 
-@pytest.mark.parametrize("extra", [[], ["train.activation_checkpointing=full"], ["train.compile=true"]],
-                         ids=["plain", "ac_full", "compile"])
+@pytest.mark.parametrize("extra", [[], ["train.activation_checkpointing=none", "train.compile=true"]],
+                         ids=["ac_full", "compile"])
 def test_trainer_fsdp_x_tp_equals_one_process(tmp_path_factory, extra):
-    """dp_shard=2 x tp=2 on 4 ranks (FSDP2 over 2-D DTensors), alone, with full activation checkpointing
-    and with compiled blocks: the single-process losses within 1e-5."""
-    name = "tp2_fsdp2" + "".join("_" + e.split(".")[-1].split("=")[0] for e in extra)
+    """dp_shard=2 x tp=2 on 4 ranks (FSDP2 over 2-D DTensors), once with full activation checkpointing and once
+    with compiled blocks: the single-process losses and grad norms within 1e-5 / 1e-4."""
+    name = "tp2_fsdp2" + ("_compile" if extra else "")
     run = session_run(tmp_path_factory, name, [*TP2_FSDP2, *extra], nproc=4)
     assert_losses_close(losses(run), single_losses(tmp_path_factory), range(1, 11), 1e-5)
     assert_losses_close(losses(run, "grad_norm"), losses(single_run(tmp_path_factory), "grad_norm"), range(1, 11),
