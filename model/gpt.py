@@ -319,6 +319,23 @@ class GPT(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
 
+    def embed(self, idx: Tensor, start_pos: int = 0) -> Tensor:
+        """Token ids (B, T) -> the first block's input (B, T, C): token embedding (Gemma: times sqrt(d)), learned
+        positions, embedding dropout."""
+        cfg = self.config
+        x = self.tok_emb(idx)  # (B, T, C)
+        if cfg.embed_scale:  # Gemma: sqrt(d) rounded to the hidden dtype, as HF does
+            x = x * torch.tensor(cfg.n_embd**0.5, dtype=x.dtype, device=x.device)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device))
+        return self.drop(x)
+
+    def rope(self, start_pos: int, T: int) -> tuple[Tensor | None, Tensor | None]:
+        """The RoPE cos / sin rows (T, hd) for positions start_pos .. start_pos + T - 1 (None, None without RoPE)."""
+        if self.rope_cos is None:
+            return None, None
+        return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+
     def forward(self, idx: Tensor, return_hidden: bool = False, *, kv_cache: KVCache | None = None,
                 start_pos: int = 0, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """idx (B, T) token ids -> logits (B, T, vocab); with return_hidden also the final-normed hidden (B, T, C).
@@ -332,15 +349,8 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if start_pos + T > cfg.block_size:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds block_size={cfg.block_size}")
-        x = self.tok_emb(idx)  # (B, T, C)
-        if cfg.embed_scale:  # Gemma: sqrt(d) rounded to the hidden dtype, as HF does
-            x = x * torch.tensor(cfg.n_embd**0.5, dtype=x.dtype, device=x.device)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
-        x = self.drop(x)
-        cos = sin = None
-        if self.rope_cos is not None:
-            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]  # (T, hd)
+        x = self.embed(idx, start_pos)
+        cos, sin = self.rope(start_pos, T)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, kv_cache.layers[i] if kv_cache is not None else None, start_pos)
         x = self.norm_f(x)
