@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 SOURCES = ("shakespeare", "text", "hf", "tokens")
 
@@ -35,6 +36,15 @@ class DataConfig:
         shuffle: indexed sources: shuffle training windows each epoch (deterministic from the seed).
         cache_dir: where on-the-fly tokenized corpora are cached; None = $LMFORGE_CACHE or
             ~/.cache/lmforge.
+        mixture: a weighted mixture of sources instead of the single source above (train/data/mixture.py):
+            a list of entries, each with the keys of a single-source config (source, path, name, subset,
+            split, val_split, val_docs, text_field, val_fraction, shuffle, cache_dir) plus `weight` (>= 0,
+            required), optional `label` and optional `max_epochs` (the source stops after that many
+            passes; by default it repeats). Keys the entry leaves out come from this config.
+        reweight_at_resume: a resume whose mixture weights / max_epochs differ from the checkpoint's
+            switches to the new ones from the resume point on (logged); without it that is an error.
+        document_mask: attention does not cross the end-of-text token inside packed sequences, and
+            positions (learned or RoPE) restart after it (model/gpt.py `doc_mask_token`).
     """
 
     source: str = "shakespeare"
@@ -51,3 +61,6 @@ class DataConfig:
     val_fraction: float = 0.05
     shuffle: bool = True
     cache_dir: str | None = None
+    mixture: list[Any] | None = None
+    reweight_at_resume: bool = False
+    document_mask: bool = False

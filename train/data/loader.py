@@ -183,6 +183,10 @@ def build_dataloader(cfg: DataConfig, tok: Tokenizer, split: str, seq_len: int, 
     output; `hf` streams (see `train.data.hf.HFStreamLoader` for its rank-dependent order).
     """
     _check_args(cfg, split, seq_len, micro_batch_size, grad_accum, dp_rank, dp_size)
+    if cfg.mixture is not None:
+        from train.data.mixture import build_mixture_loader
+
+        return build_mixture_loader(cfg, tok, split, seq_len, micro_batch_size, grad_accum, dp_rank, dp_size, seed)
     if cfg.source == "hf":
         from train.data.hf import HFStreamLoader
 

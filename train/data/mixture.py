@@ -1,0 +1,498 @@
+"""`data.mixture`: a weighted mixture of indexed sources, ordered by global sample index.
+
+Which source feeds position p of the endless training order is a pure function of (seed, weights, p):
+positions come in blocks of BLOCK; every block holds each source s exactly n_s times (BLOCK * w_s rounded by
+largest remainder, so a block's proportions are the weights to 1/BLOCK), in an order permuted by a generator
+seeded with (seed, segment start, block). The number of samples each source gave before p is then known in
+O(1) (whole blocks * n_s + a prefix count inside p's block), and position p is sample k of its source, whose
+window is that source's own seeded per-epoch permutation at k (epoch of the source = k // its windows).
+
+Ranks, micro-batches and workers take positions exactly as the single-source loader does (train/data/loader.py),
+so the stream is the same for every world size, micro-batch split and worker count, and the state (samples
+consumed + the schedule's segments) resumes on any layout.
+
+A schedule is a list of segments (start position, weights, samples already drawn per source). A source with
+`max_epochs` that runs out ends a segment: the next one starts right after its last sample, its weight spread
+over the others in proportion. `data.reweight_at_resume=true` starts a new segment at the resume position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from train.data.config import DataConfig
+from train.data.errors import DataError
+from train.data.loader import SampleOrder
+from train.data.shards import TokenStore
+from train.data.tokenizer import Tokenizer
+
+log = logging.getLogger("train")
+
+STATE_VERSION = 1
+BLOCK = 4096  # positions per block: each source's share of a block is exact to 1 / BLOCK
+# entry keys that set up one source (the rest of a single-source config is shared by the whole mixture)
+SOURCE_KEYS = ("source", "path", "name", "subset", "split", "val_split", "val_docs", "text_field", "streaming",
+               "val_fraction", "shuffle", "cache_dir")
+ENTRY_KEYS = (*SOURCE_KEYS, "weight", "label", "max_epochs")
+MIXABLE = ("shakespeare", "text", "tokens")
+
+
+@dataclass(frozen=True)
+class MixtureEntry:
+    """One parsed `data.mixture` entry."""
+
+    cfg: DataConfig
+    weight: float
+    label: str
+    max_epochs: int | None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_mixture(cfg: DataConfig) -> list[MixtureEntry]:
+    """The entries of `cfg.mixture`, validated (one-line DataError naming the entry and the bad value)."""
+    mix = cfg.mixture
+    if not isinstance(mix, (list, tuple)) or not mix:
+        raise DataError(f"data.mixture must be a non-empty list of sources, got {mix!r}")
+    entries, labels = [], set()
+    for i, e in enumerate(mix):
+        where = f"data.mixture[{i}]"
+        if not isinstance(e, dict):
+            raise DataError(f"{where} must be a mapping like {{source: shakespeare, weight: 0.5}}, got {e!r}")
+        unknown = sorted(set(e) - set(ENTRY_KEYS))
+        if unknown:
+            hint = " (all sources share data.tokenizer / data.num_workers)" if set(unknown) & {
+                "tokenizer", "num_workers"} else ""
+            raise DataError(f"{where} has unknown key(s) {unknown}{hint}; allowed: {', '.join(ENTRY_KEYS)}")
+        if "weight" not in e or e["weight"] is None:
+            raise DataError(f"{where} has no weight; every entry needs weight: <number >= 0>")
+        w = e["weight"]
+        if not _number(w) or not math.isfinite(w) or w < 0:
+            raise DataError(f"{where}.weight={w!r} must be a finite number >= 0")
+        me = e.get("max_epochs")
+        if me is not None and (not isinstance(me, int) or isinstance(me, bool) or me < 1):
+            raise DataError(f"{where}.max_epochs={me!r} must be an integer >= 1 (or unset: the source repeats)")
+        src = e.get("source", "shakespeare")
+        if src not in MIXABLE:
+            extra = (" (prepare a stream with python -m train.prepare --source hf ... and mix it as source: tokens)"
+                     if src == "hf" else "")
+            raise DataError(f"{where}.source={src!r} cannot be mixed{extra}; allowed: {', '.join(MIXABLE)}")
+        shared = {f.name: getattr(cfg, f.name) for f in fields(DataConfig)
+                  if f.name in ("tokenizer", "num_workers", "cache_dir", "shuffle", "val_fraction", "text_field")}
+        sub = DataConfig(**{**shared, **{k: e[k] for k in SOURCE_KEYS if k in e}, "source": src})
+        label = e.get("label") or _default_label(sub)
+        if not isinstance(label, str):
+            raise DataError(f"{where}.label={label!r} must be a string")
+        if label in labels:
+            label = f"{label}{i}" if "label" not in e else label
+            if label in labels:
+                raise DataError(f"{where}.label={label!r} is used twice; labels must be unique")
+        labels.add(label)
+        entries.append(MixtureEntry(sub, float(w), label, me))
+    if sum(x.weight for x in entries) <= 0:
+        raise DataError(f"data.mixture weights are all zero ({[x.weight for x in entries]}); "
+                        f"at least one must be > 0")
+    block_counts(normalize([x.weight for x in entries]), [x.label for x in entries])  # every weight > 0 drawn
+    return entries
+
+
+def _default_label(c: DataConfig) -> str:
+    if c.source == "shakespeare" or not c.path:
+        return c.source
+    import os
+
+    stem = os.path.basename(str(c.path).rstrip("/*").rstrip("/")) or c.source
+    return stem.split(".")[0] or c.source
+
+
+def normalize(weights) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    return w / w.sum()
+
+
+def block_counts(weights: np.ndarray, labels: list[str] | None = None) -> np.ndarray:
+    """Positions of each source in a block of BLOCK: BLOCK * w rounded by largest remainder (ties: lower index)."""
+    exact = weights * BLOCK
+    n = np.floor(exact).astype(np.int64)
+    rest = BLOCK - int(n.sum())
+    order = sorted(range(len(weights)), key=lambda s: (-(exact[s] - n[s]), s))
+    for s in order[:rest]:
+        n[s] += 1
+    small = [s for s in range(len(weights)) if weights[s] > 0 and n[s] == 0]
+    if small:
+        s = small[0]
+        name = labels[s] if labels else str(s)
+        raise DataError(f"data.mixture weight of {name!r} is {weights[s]:.3g} of the total, below the smallest "
+                        f"share 1/{BLOCK}; raise it or set it to 0")
+    return n
+
+
+class MixtureSchedule:
+    """Global position -> (source, sample index within that source); see the module docstring.
+
+    `segments`: the explicit segments [(start, weights, base counts)] (the first at 0; a reweighted resume adds
+    one); segments that start where a source reaches its max_epochs are derived from them.
+    """
+
+    def __init__(self, weights, sizes: list[int], max_epochs: list[int | None], seed: int,
+                 segments: list[tuple[int, list[float], list[int]]] | None = None,
+                 labels: list[str] | None = None) -> None:
+        self.sizes, self.max_epochs, self.seed = list(sizes), list(max_epochs), seed
+        self.labels = labels or [str(s) for s in range(len(sizes))]
+        self.caps = [None if m is None else m * n for m, n in zip(max_epochs, sizes)]
+        S = len(sizes)
+        self.explicit = [(0, list(normalize(weights)), [0] * S)] if segments is None else [
+            (int(a), list(map(float, w)), list(map(int, b))) for a, w, b in segments]
+        self.end: int | None = None  # first position past the last sample (every source reached max_epochs)
+        self.exhausted_at: dict[int, int] = {}  # source -> position of its last sample
+        self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._build()
+
+    # segments: (start, weights (0 for sources run out), base counts, counts per block)
+    def _build(self) -> None:
+        self.segs = []
+        for start, w, base in self.explicit:
+            self._add(start, np.asarray(w, dtype=np.float64), np.asarray(base, dtype=np.int64))
+        while self.end is None:  # derive the segments that start where a source runs out
+            start, w, base, n = self.segs[-1]
+            hits = []
+            for s, cap in enumerate(self.caps):
+                if cap is None or n[s] == 0:
+                    continue
+                m = cap - int(base[s])  # draws left
+                b, j = divmod(m - 1, int(n[s]))
+                src, _, _ = self._block_of(len(self.segs) - 1, b, cache=False)
+                hits.append((start + b * BLOCK + int(np.flatnonzero(src == s)[j]), s))
+            if not hits:
+                break
+            p, s = min(hits)
+            self.exhausted_at[s] = p
+            counts = self._counts_in(len(self.segs) - 1, p + 1)
+            w = w.copy()
+            w[s] = 0.0
+            if w.sum() == 0:
+                self.end = p + 1
+                break
+            self._add(p + 1, w / w.sum(), counts)
+        self.starts = [sg[0] for sg in self.segs]
+
+    def _add(self, start: int, w: np.ndarray, base: np.ndarray) -> None:
+        for s, cap in enumerate(self.caps):  # a source already at its cap draws no more
+            if cap is not None and base[s] >= cap:
+                self.exhausted_at.setdefault(s, start - 1)
+                w = w.copy()
+                w[s] = 0.0
+        if w.sum() == 0:
+            self.end = start
+            w = np.ones_like(w)  # an empty tail; never read
+        w = w / w.sum()
+        self.segs.append((start, w, base, block_counts(w, self.labels)))
+
+    def _block_of(self, seg: int, b: int, cache: bool = True):
+        """(source of each position [BLOCK], its rank among that source's positions [BLOCK], prefix counts
+        [BLOCK + 1, S]) of block b of segment seg."""
+        key = (seg, b)
+        if key in self._cache:
+            return self._cache[key]
+        start, _, _, n = self.segs[seg]
+        src = np.repeat(np.arange(len(n)), n)
+        src = np.random.default_rng([self.seed, start, b]).permutation(src)
+        onehot = np.zeros((BLOCK + 1, len(n)), dtype=np.int64)
+        onehot[np.arange(1, BLOCK + 1), src] = 1
+        prefix = np.cumsum(onehot, axis=0)  # samples of each source before position o of the block
+        rank = prefix[np.arange(BLOCK), src]
+        out = (src, rank, prefix)
+        if cache:
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = out
+        return out
+
+    def _seg_index(self, p: int) -> int:
+        import bisect
+
+        return bisect.bisect_right(self.starts, p) - 1
+
+    def _counts_in(self, seg: int, p: int) -> np.ndarray:
+        start, _, base, n = self.segs[seg]
+        b, o = divmod(p - start, BLOCK)
+        return base + b * n + self._block_of(seg, b, cache=False)[2][o]
+
+    def counts_at(self, p: int) -> np.ndarray:
+        """Samples drawn from each source at positions [0, p)."""
+        if self.end is not None and p >= self.end:
+            p = self.end
+        seg = self._seg_index(p)
+        start, _, base, n = self.segs[seg]
+        b, o = divmod(p - start, BLOCK)
+        return base + b * n + self._block_of(seg, b)[2][o]
+
+    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, sample index within the source) of each global position."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.end is not None and positions.size and int(positions.max()) >= self.end:
+            raise DataError(f"data.mixture: every source reached its max_epochs after {self.end} samples "
+                            f"({', '.join(f'{l}={m}' for l, m in zip(self.labels, self.max_epochs))}); "
+                            f"raise max_epochs or lower train.max_steps")
+        src = np.empty_like(positions)
+        k = np.empty_like(positions)
+        segs = np.searchsorted(np.asarray(self.starts, dtype=np.int64), positions, side="right") - 1
+        for seg in np.unique(segs).tolist():  # a micro-batch is contiguous: one or two (segment, block) groups
+            start, _, base, n = self.segs[seg]
+            in_seg = np.flatnonzero(segs == seg)
+            b, o = np.divmod(positions[in_seg] - start, BLOCK)
+            for bb in np.unique(b).tolist():
+                sel = in_seg[b == bb]
+                oo = o[b == bb]
+                s_blk, rank, _ = self._block_of(seg, bb)
+                s = s_blk[oo]
+                src[sel], k[sel] = s, base[s] + bb * n[s] + rank[oo]
+        return src, k
+
+
+class _MixWindows(Dataset):
+    """Batched map-style dataset: [(source, window index)] -> (x, y) LongTensors [B, T]."""
+
+    def __init__(self, stores: list[TokenStore], seq_len: int) -> None:
+        self.stores, self.seq_len = stores, seq_len
+
+    def __getitem__(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.seq_len
+        w = torch.from_numpy(np.stack([self.stores[s].read(i * T, T + 1) for s, i in pairs]))  # [B, T+1]
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+class _MixMicroBatches(Sampler):
+    """This rank's micro-batches of (source, window) pairs from a global position on (as loader._MicroBatches)."""
+
+    def __init__(self, loader: MixtureLoader, start: int, skip_micro: int) -> None:
+        self.l, self.start, self.skip = loader, start, skip_micro
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        l = self.l
+        B, A, r = l.micro_batch_size, l.grad_accum, l.dp_rank
+        step, j = divmod(self.skip, A)
+        while l.train or step < l.val_steps:
+            if l.train:
+                first = self.start + step * l.global_batch + r * B * A + j * B
+            else:
+                first = step * B * l.dp_size + r * B
+            yield l.pairs(np.arange(first, first + B, dtype=np.int64))
+            j += 1
+            if j == A or not l.train:
+                step, j = step + 1, 0
+
+
+class MixtureLoader:
+    """Loader of `data.mixture`: same iteration / state interface as `IndexedLoader`.
+
+    train: endless mixture in global-sample order. val: the sources that have a val split, mixed with their
+    weights (renormalized) in order, one pass of `val_steps` units restarted at every `iter()`; `sources`
+    maps each label to that source's own val loader (the trainer reports a val loss per source).
+    """
+
+    def __init__(self, entries: list[MixtureEntry], stores: list[TokenStore], split: str, seq_len: int,
+                 micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int,
+                 num_workers: int, reweight_at_resume: bool = False, sources: dict | None = None) -> None:
+        self.entries, self.stores, self.split, self.train = entries, stores, split, split == "train"
+        self.labels = [e.label for e in entries]
+        self.seq_len, self.micro_batch_size, self.grad_accum = seq_len, micro_batch_size, grad_accum
+        self.dp_rank, self.dp_size, self.seed, self.num_workers = dp_rank, dp_size, seed, num_workers
+        self.reweight_at_resume = reweight_at_resume
+        self.global_batch = micro_batch_size * grad_accum * dp_size
+        self.sizes = [max(0, st.n_tokens - 1) // seq_len for st in stores]
+        for e, st, n in zip(entries, stores, self.sizes):
+            if n == 0 and (e.weight > 0 or not self.train):
+                raise DataError(f"data.mixture source {e.label!r}: the {split} split of {st.describe()} has "
+                                f"{st.n_tokens} tokens, fewer than one window of seq_len {seq_len} + 1")
+        self.weights = list(normalize([e.weight for e in entries]))
+        self.max_epochs = [e.max_epochs if self.train else None for e in entries]
+        self.orders = [SampleOrder(n, seed + 1000 * (s + 1), e.cfg.shuffle and self.train)
+                       for s, (n, e) in enumerate(zip(self.sizes, entries))]
+        self.schedule = MixtureSchedule(self.weights, self.sizes, self.max_epochs, seed, labels=self.labels)
+        self.sources = sources or {}
+        self.val_steps = 0
+        if not self.train:
+            self.val_steps = sum(self.sizes) // (micro_batch_size * dp_size)
+            if self.val_steps < 1:
+                raise DataError(f"the val splits of data.mixture hold {sum(self.sizes)} windows of seq_len {seq_len};"
+                                f" one eval batch over all ranks needs {micro_batch_size * dp_size}")
+        self.dataset = _MixWindows(stores, seq_len)
+        self._consumed, self._micro = 0, 0
+        self._epochs_seen = [0] * len(entries)
+        self._exhausted_seen: set[int] = set()
+
+    def __len__(self) -> int:
+        if self.train:
+            raise TypeError("the train loader is endless")
+        return self.val_steps
+
+    def pairs(self, positions: np.ndarray) -> list[tuple[int, int]]:
+        src, k = self.schedule.lookup(positions)
+        idx = np.empty_like(k)
+        for s in np.unique(src).tolist():
+            sel = src == s
+            idx[sel] = self.orders[s].indices(k[sel])
+        return list(zip(src.tolist(), idx.tolist()))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.train:
+            self._consumed, self._micro = 0, 0
+        sampler = _MixMicroBatches(self, self._consumed, self._micro)
+        gen = torch.Generator().manual_seed(self.seed)  # creating workers never draws from the global RNG
+        dl = DataLoader(self.dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers, generator=gen,
+                        pin_memory=torch.cuda.is_available())
+        for xy in dl:
+            self._micro += 1
+            if self.train and self._micro % self.grad_accum == 0:
+                self._announce()
+            yield xy
+
+    @property
+    def samples_consumed(self) -> int:
+        return self._consumed + (self._micro // self.grad_accum) * self.global_batch
+
+    def counts(self) -> np.ndarray:
+        """Samples each source gave to the global stream so far (all ranks)."""
+        return self.schedule.counts_at(self.samples_consumed)
+
+    def metrics(self) -> dict:
+        """Per-source accounting for the trainer's log event: tokens consumed and epochs (fractional)."""
+        c = self.counts()
+        out = {}
+        for label, n, size in zip(self.labels, c.tolist(), self.sizes):
+            out[f"data/{label}/tokens"] = n * self.seq_len
+            out[f"data/{label}/epochs"] = round(n / size, 4) if size else 0.0
+        return out
+
+    def _announce(self) -> None:
+        """Say when a source starts another pass or has reached its max_epochs."""
+        c = self.counts().tolist()
+        pos = self.samples_consumed
+        for s, (n, size) in enumerate(zip(c, self.sizes)):
+            e = n // size if size else 0
+            if e > self._epochs_seen[s] and (self.max_epochs[s] is None or e < self.max_epochs[s]):
+                log.info(f"data.mixture: source {self.labels[s]!r} repeats: starting epoch {e + 1} at sample {pos:,}")
+            self._epochs_seen[s] = max(self._epochs_seen[s], e)
+            last = self.schedule.exhausted_at.get(s)
+            if last is not None and last < pos and s not in self._exhausted_seen:
+                self._exhausted_seen.add(s)
+                if self.schedule.end is None:
+                    log.info(f"data.mixture: source {self.labels[s]!r} reached max_epochs={self.max_epochs[s]} at "
+                             f"sample {last + 1:,}; its weight goes to the other sources")
+
+    def describe(self) -> str:
+        return ", ".join(f"{l} {w:.3g} ({n:,} windows{'' if m is None else f', max_epochs {m}'})"
+                         for l, w, n, m in zip(self.labels, self.weights, self.sizes, self.max_epochs))
+
+    def state_dict(self) -> dict:
+        c = self.counts().tolist()
+        return {"version": STATE_VERSION, "kind": "mixture", "split": self.split, "labels": list(self.labels),
+                "weights": list(map(float, self.weights)), "max_epochs": list(self.max_epochs),
+                "segments": [[a, list(map(float, w)), list(map(int, b))] for a, w, b in self.schedule.explicit],
+                "samples_consumed": self.samples_consumed, "micro_in_step": self._micro % self.grad_accum,
+                "counts": c, "epochs": [n // s if s else 0 for n, s in zip(c, self.sizes)],
+                "n_samples": list(self.sizes), "seq_len": self.seq_len, "seed": self.seed,
+                "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum, "dp_size": self.dp_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("kind") != "mixture" or state.get("version") != STATE_VERSION:
+            kind = state.get("kind") if isinstance(state, dict) else type(state).__name__
+            raise DataError(f"data-loader state is not a data.mixture state of version {STATE_VERSION} "
+                            f"(kind={kind!r}): a checkpoint of a single-source run cannot resume a mixture")
+        if state["labels"] != self.labels:
+            raise DataError(f"data.mixture sources changed since the checkpoint: saved {state['labels']}, "
+                            f"now {self.labels}")
+        if (state["n_samples"], state["seq_len"]) != (self.sizes, self.seq_len):
+            raise DataError(f"data.mixture state is for {state['n_samples']} windows of seq_len {state['seq_len']}, "
+                            f"these sources have {self.sizes} of seq_len {self.seq_len}: different corpus or seq_len")
+        if state["seed"] != self.seed:
+            raise DataError(f"data-loader state was made with seed {state['seed']}, this loader has seed {self.seed}")
+        same_split = all(state[k] == getattr(self, k) for k in ("micro_batch_size", "grad_accum", "dp_size"))
+        if state["micro_in_step"] and not same_split:
+            raise DataError("data-loader state was saved inside an optimizer step; it resumes only with the same "
+                            "micro_batch_size, grad_accum and dp_size (save at a step boundary)")
+        consumed = int(state["samples_consumed"])
+        saved = MixtureSchedule(state["weights"], self.sizes, state["max_epochs"], self.seed, state["segments"],
+                                self.labels)
+        changed = (not np.allclose(state["weights"], self.weights, rtol=0, atol=1e-12)
+                   or list(state["max_epochs"]) != list(self.max_epochs))
+        if changed and not self.reweight_at_resume:
+            def fmt(w, m):
+                return ", ".join(f"{l}={x:.4g}" + ("" if e is None else f" (max_epochs {e})")
+                                 for l, x, e in zip(self.labels, w, m))
+            raise DataError(f"data.mixture weights changed since the checkpoint (saved {fmt(state['weights'], state['max_epochs'])}; "
+                            f"now {fmt(self.weights, self.max_epochs)}); set data.reweight_at_resume=true to "
+                            f"switch at the resume point, or restore the weights")
+        if changed:
+            if state["micro_in_step"]:
+                raise DataError("data.reweight_at_resume needs a checkpoint saved at a step boundary")
+            base = saved.counts_at(consumed)
+            # every segment before the resume point (those where a source ran out too), then the new weights
+            segments = [(a, list(w), list(b)) for a, w, b, _ in saved.segs if a < consumed]
+            segments.append((consumed, list(self.weights), base.tolist()))
+            self.schedule = MixtureSchedule(self.weights, self.sizes, self.max_epochs, self.seed, segments,
+                                            self.labels)
+            if self.train:
+                log.info(f"data.mixture: reweighted at sample {consumed:,} (data.reweight_at_resume): "
+                         f"{self.describe()}")
+        else:
+            self.schedule = saved
+        self._consumed, self._micro = consumed, int(state["micro_in_step"])
+        c = self.schedule.counts_at(self._consumed)
+        self._epochs_seen = [n // s if s else 0 for n, s in zip(c.tolist(), self.sizes)]
+        self._exhausted_seen = {s for s, p in self.schedule.exhausted_at.items() if p < self._consumed}
+
+
+def build_mixture_loader(cfg: DataConfig, tok: Tokenizer, split: str, seq_len: int, micro_batch_size: int,
+                         grad_accum: int, dp_rank: int, dp_size: int, seed: int):
+    """The `data.mixture` loader of `split`; every source is tokenized (cached) before the first batch."""
+    from train.data.cache import ensure_tokens
+    from train.data.loader import IndexedLoader
+
+    entries = parse_mixture(cfg)
+    stores, keep = [], []
+    for i, e in enumerate(entries):
+        try:
+            if e.cfg.source == "tokens":
+                if not e.cfg.path:
+                    raise DataError("path is required for source: tokens (a dir written by python -m train.prepare)")
+                root = e.cfg.path
+            else:
+                root = ensure_tokens(e.cfg, tok, progress=dp_rank == 0)
+            if split == "val":
+                from train.data.shards import read_header
+
+                if split not in read_header(Path(root), tok)["splits"] or (
+                        e.cfg.source != "tokens" and e.cfg.val_fraction == 0):
+                    continue  # no validation split: left out of eval
+            stores.append(TokenStore(root, split, tok))
+            keep.append(e)
+        except DataError as err:
+            raise DataError(f"data.mixture[{i}] ({e.label}): {err}") from None
+    if split == "val":
+        keep_pairs = [(e, st) for e, st in zip(keep, stores)
+                      if max(0, st.n_tokens - 1) // seq_len >= micro_batch_size * dp_size]
+        if not keep_pairs or sum(e.weight for e, _ in keep_pairs) == 0:
+            raise DataError("no source of data.mixture with weight > 0 has a validation split of one eval batch "
+                            f"({micro_batch_size * dp_size} windows of seq_len {seq_len}); set train.eval_steps=0")
+        keep, stores = [e for e, _ in keep_pairs], [st for _, st in keep_pairs]
+        per_source = {e.label: IndexedLoader(st, "val", seq_len, micro_batch_size, 1, dp_rank, dp_size, seed,
+                                             False, cfg.num_workers) for e, st in zip(keep, stores)}
+        return MixtureLoader(keep, stores, split, seq_len, micro_batch_size, 1, dp_rank, dp_size, seed,
+                             cfg.num_workers, sources=per_source)
+    loader = MixtureLoader(keep, stores, split, seq_len, micro_batch_size, grad_accum, dp_rank, dp_size, seed,
+                           cfg.num_workers, reweight_at_resume=cfg.reweight_at_resume)
+    if dp_rank == 0:
+        log.info(f"data.mixture: {loader.describe()}")
+    return loader
