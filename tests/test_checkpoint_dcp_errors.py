@@ -55,7 +55,7 @@ def test_export_dcp_shards_that_do_not_fit_are_one_line(tmp_path: Path) -> None:
 def test_engine_resume_of_shards_that_do_not_fit_is_one_line(tmp_path: Path, strategy: str) -> None:
     """NativeEngine.load at world size 1 (fsdp: its private 1-rank group; single: no group) on another
     model's DCP checkpoint."""
-    from test_sharded import build_engine_of, make_cfg
+    from helpers import build_engine_of, make_cfg
 
     from train.distributed import DistInfo
 

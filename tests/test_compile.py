@@ -20,13 +20,23 @@ are cached; plus the shared oracle run (~12 s) when no other test made it.
 from __future__ import annotations
 
 import pytest
-from helpers import TINY as GPT2_TINY
-from helpers import losses_of, one_line_error, train_in_process
-from test_sharded import BASE, TINY, assert_losses_close, corpus_overrides, losses, single_losses, single_run
+from helpers import (
+    CHAR,
+    CHAR_BASE,
+    TINY,
+    assert_losses_close,
+    corpus_overrides,
+    losses_by_step,
+    losses_of,
+    one_line_error,
+    single_losses,
+    single_run,
+    train_in_process,
+)
 
 # the oracle's global batch of 4 on one process; the final eval (2 batches) runs, samples and periodic
 # checkpoints do not (each extra mode is one more compiled graph: seconds of C++ compilation)
-COMPILED = [*TINY, *BASE, "train.max_steps=20", "train.micro_batch_size=4", "train.eval_every=0",
+COMPILED = [*CHAR.overrides, *CHAR_BASE, "train.max_steps=20", "train.micro_batch_size=4", "train.eval_every=0",
             "train.sample_tokens=0", "train.ckpt_every=0", "train.compile=true"]
 
 
@@ -75,7 +85,7 @@ def eager(tmp_path_factory) -> dict:
     """The oracle run (made here unless another test module made it in this session): losses, val losses
     and its final checkpoint."""
     run = single_run(tmp_path_factory)
-    return {"loss": single_losses(tmp_path_factory), "val_loss": losses(run, "val_loss"),
+    return {"loss": single_losses(tmp_path_factory), "val_loss": losses_by_step(run, "val_loss"),
             "ckpt": run / "checkpoints" / "step_0000020"}
 
 
@@ -83,7 +93,7 @@ def _check_losses(run_dir, eager: dict) -> None:
     got = dict(enumerate(losses_of(run_dir), start=1))
     assert sorted(got) == list(range(1, 21))
     assert_losses_close(got, eager["loss"], range(1, 21), 1e-5)
-    val = losses(run_dir, "val_loss")
+    val = losses_by_step(run_dir, "val_loss")
     assert sorted(val) == [0, 20]  # before training and the final eval
     assert_losses_close(val, eager["val_loss"], [0, 20], 1e-5)
 
@@ -135,7 +145,7 @@ def test_no_cpp_compiler_is_a_one_line_error_before_training(tmp_path, capsys):
     from torch._inductor import config as inductor_config
 
     with inductor_config.patch({"cpp.cxx": (None, "no-such-cxx-compiler")}):
-        code, run_dir = train_in_process(tmp_path / "run", *GPT2_TINY, "train.compile=true")
+        code, run_dir = train_in_process(tmp_path / "run", *TINY, "train.compile=true")
     assert code == 2
     line = one_line_error(capsys.readouterr().err)
     assert "train.compile=true on CPU needs a C++ compiler" in line and "no-such-cxx-compiler" in line, line

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
-from helpers import dcp_state
+from helpers import REPO, ckpt, dcp_state, single_run
 from test_fsdp import fsdp_run
-from test_sharded import REPO, ckpt, single_run
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sharded import (
+from helpers import (
     assert_losses_close,
     build_engine_of,
     ckpt,
     corpus_overrides,
     init_gloo,
-    losses,
+    losses_by_step,
     make_cfg,
     session_run,
     single_losses,
@@ -22,7 +22,7 @@ from test_sharded import (
     spawn,
     tiny_cfg,
     tiny_gpt_config,
-    train_run,
+    char_run,
 )
 
 # 2 ranks x micro-batch 2 = the single run's global batch of 4
@@ -35,9 +35,9 @@ def fsdp_run(f) -> Path:
 
 def test_fsdp_matches_single_process(tmp_path_factory):
     want, run = single_losses(tmp_path_factory), fsdp_run(tmp_path_factory)
-    got = losses(run)
+    got = losses_by_step(run)
     assert_losses_close(got, want, range(1, 21), 1e-5)
-    assert_losses_close(losses(run, "val_loss"), losses(single_run(tmp_path_factory), "val_loss"), [10, 20], 1e-5)
+    assert_losses_close(losses_by_step(run, "val_loss"), losses_by_step(single_run(tmp_path_factory), "val_loss"), [10, 20], 1e-5)
     meta = json.loads((ckpt(run, 20) / "meta.json").read_text())
     assert (meta["format"], meta["strategy"], meta["world_size"]) == ("dcp", "fsdp", 2)
 
@@ -48,15 +48,15 @@ def test_fsdp_composes_accum_ac_offload(tmp_path_factory):
     run = session_run(tmp_path_factory, "fsdp_compose",
                       ["strategy=fsdp", "train.max_steps=20", "train.micro_batch_size=1", "train.grad_accum=2",
                        "train.activation_checkpointing=full", "strategy.offload=params"], nproc=2)
-    assert_losses_close(losses(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
+    assert_losses_close(losses_by_step(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
 
 
 def test_fsdp_exact_resume(tmp_path_factory):
     """10 steps + resume for 10 == 20 uninterrupted, bitwise."""
-    ref = losses(fsdp_run(tmp_path_factory))
+    ref = losses_by_step(fsdp_run(tmp_path_factory))
     run = session_run(tmp_path_factory, "fsdp_resume",
                       [*FSDP, f"resume={ckpt(fsdp_run(tmp_path_factory), 10)}"], nproc=2)
-    got = losses(run)
+    got = losses_by_step(run)
     assert sorted(got) == list(range(11, 21))
     for s in range(11, 21):
         assert got[s] == ref[s], f"step {s}: {got[s]!r} != {ref[s]!r}"
@@ -65,14 +65,14 @@ def test_fsdp_exact_resume(tmp_path_factory):
 def test_fsdp_resume_2_to_1_to_2(tmp_path_factory):
     """A 2-rank checkpoint continues on 1 rank (micro-batch 4), and that one's checkpoint on 2 ranks,
     with the uninterrupted run's losses: DCP reshards, the data order is world-size free."""
-    ref = losses(fsdp_run(tmp_path_factory))
+    ref = losses_by_step(fsdp_run(tmp_path_factory))
     one = session_run(tmp_path_factory, "fsdp_2to1",
                       ["strategy=fsdp", "train.max_steps=20", "train.micro_batch_size=4", "train.ckpt_every=5",
                        f"resume={ckpt(fsdp_run(tmp_path_factory), 10)}"], nproc=1)
-    assert_losses_close(losses(one), ref, range(11, 21), 1e-5)
+    assert_losses_close(losses_by_step(one), ref, range(11, 21), 1e-5)
     assert json.loads((ckpt(one, 15) / "meta.json").read_text())["world_size"] == 1
     two = session_run(tmp_path_factory, "fsdp_1to2", [*FSDP, f"resume={ckpt(one, 15)}"], nproc=2)
-    assert_losses_close(losses(two), ref, range(16, 21), 1e-5)
+    assert_losses_close(losses_by_step(two), ref, range(16, 21), 1e-5)
 
 
 # ---------------------------------------------------------------- in-process, 2 spawned ranks
@@ -177,11 +177,11 @@ def test_fsdp_resumes_a_single_process_checkpoint(tmp_path_factory, tmp_path):
     assert (meta["format"], meta["strategy"], meta["world_size"]) == ("dcp", "single", 1)
     assert meta["parallel"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
     run = tmp_path / "run"
-    train_run(run, [*corpus_overrides(tmp_path_factory), "strategy=fsdp", "train.max_steps=20",
+    char_run(run, [*corpus_overrides(tmp_path_factory), "strategy=fsdp", "train.max_steps=20",
                     "train.micro_batch_size=4", "train.ckpt_every=10", f"resume={ckpt(single, 10)}"])
-    got = losses(run)
+    got = losses_by_step(run)
     assert sorted(got) == list(range(11, 21))
     assert_losses_close(got, single_losses(tmp_path_factory), range(11, 21), 1e-5)
-    assert_losses_close(losses(run, "val_loss"), losses(single, "val_loss"), [20], 1e-5)
+    assert_losses_close(losses_by_step(run, "val_loss"), losses_by_step(single, "val_loss"), [20], 1e-5)
     meta = json.loads((ckpt(run, 20) / "meta.json").read_text())
     assert (meta["format"], meta["strategy"], meta["world_size"]) == ("dcp", "fsdp", 1)

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import model.loss as model_loss
-from tests.test_sharded import build_engine_of, init_gloo, make_cfg, spawn
+from helpers import build_engine_of, init_gloo, make_cfg, spawn
 from train.distributed import DistInfo
 
 FAMILIES = ["gpt2-tiny", "llama-tiny", "gemma-tiny"]  # gemma-tiny: 256K vocabulary, tied, scaled embedding

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_sharded import assert_losses_close, losses
+from helpers import assert_losses_close, char_run, corpus_overrides, losses_by_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -17,18 +17,16 @@ BF16 = ["precision=bf16", "train.device=cuda", "train.max_steps=20", "train.micr
 
 
 def _gpu_run(f, name, overrides, model=None):
-    import test_sharded
-
     run_dir = f.getbasetemp() / "sharded_runs" / name
-    test_sharded.train_run(run_dir, [*test_sharded.corpus_overrides(f), *overrides], 1, env=GPU, model=model)
+    char_run(run_dir, [*corpus_overrides(f), *overrides], 1, env=GPU, model=model)
     return run_dir
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_bf16_on_one_gpu_matches_single_gpu(tmp_path_factory, strategy):
     """World size 1 on NCCL: a sharded strategy is the single-GPU run up to bf16 rounding."""
-    single = losses(_gpu_run(tmp_path_factory, "gpu_single", [*BF16, "strategy=single"]))
-    got = losses(_gpu_run(tmp_path_factory, f"gpu_{strategy}", [*BF16, f"strategy={strategy}"]))
+    single = losses_by_step(_gpu_run(tmp_path_factory, "gpu_single", [*BF16, "strategy=single"]))
+    got = losses_by_step(_gpu_run(tmp_path_factory, f"gpu_{strategy}", [*BF16, f"strategy={strategy}"]))
     assert single[20] < single[1] - 0.5
     assert_losses_close(got, single, range(1, 21), 5e-2)
 

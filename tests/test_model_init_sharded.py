@@ -4,12 +4,9 @@ meta parameters are skipped and the global RNG is not consumed."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import init_gloo, spawn
 from torch import nn
 
 from model import GPT, GPTConfig
@@ -32,9 +29,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     from train.parallel.sharded_init import replay_init
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     try:
         with torch.device("meta"):
             model = GPT(_config())
@@ -70,16 +65,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank0(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("init_sharded") / "rank0.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn(_worker, 2, str(out))
     return torch.load(out, weights_only=True)
 
 

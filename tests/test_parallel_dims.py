@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from helpers import TINY, one_line_error, run_train
-from test_sharded import init_gloo, make_cfg, spawn
+from helpers import init_gloo, make_cfg, spawn
 
 from train.parallel.dims import DIM_NAMES, ParallelDims
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import read_metrics
 from slurm_cluster import (
     JOB_CFG,
     LAUNCH,
@@ -20,7 +21,6 @@ from slurm_cluster import (
     latest_checkpoint,
     launch_env,
     losses_by_step,
-    metrics,
     slurm_cluster,
     train_steps,
     zero3_reference,
@@ -96,4 +96,4 @@ def test_deepspeed_sbatch_zero3_preempted_with_usr1_requeues_itself_and_matches(
     ckpt = latest_checkpoint(run_dir)
     assert ckpt is not None and ckpt.name == "step_0000008"
     assert (run_dir / "hostfile").read_text().split() == ["node1", "slots=2"]
-    assert metrics(run_dir)
+    assert read_metrics(run_dir)

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sharded import (
+from helpers import (
     assert_losses_close,
     ckpt,
     corpus_overrides,
     init_gloo,
-    losses,
+    losses_by_step,
     make_cfg,
     session_run,
     single_losses,
     single_run,
     spawn,
-    train_run,
+    char_run,
 )
 
 pytestmark = pytest.mark.slow
@@ -235,14 +235,14 @@ def test_trainer_tp2_equals_one_process(tmp_path_factory):
     checkpoint is DCP with the layout in meta.json; the text sample at the end is generated."""
     run = session_run(tmp_path_factory, "tp2", TP2, nproc=2)
     want = single_losses(tmp_path_factory)
-    assert_losses_close(losses(run), want, range(1, 11), 1e-5)
+    assert_losses_close(losses_by_step(run), want, range(1, 11), 1e-5)
     # the global gradient norm (over vocabulary / head shards and replicated norms) is the one-process norm,
     # and it is above optim.grad_clip=1 in early steps, so clipping acts on it
-    single_norm = losses(single_run(tmp_path_factory), "grad_norm")
-    assert_losses_close(losses(run, "grad_norm"), single_norm, range(1, 11), 1e-4)
+    single_norm = losses_by_step(single_run(tmp_path_factory), "grad_norm")
+    assert_losses_close(losses_by_step(run, "grad_norm"), single_norm, range(1, 11), 1e-4)
     assert max(single_norm.values()) > 1.0
-    single_val = losses(single_run(tmp_path_factory), "val_loss")
-    assert_losses_close(losses(run, "val_loss"), single_val, [0, 10], 1e-5)
+    single_val = losses_by_step(single_run(tmp_path_factory), "val_loss")
+    assert_losses_close(losses_by_step(run, "val_loss"), single_val, [0, 10], 1e-5)
     meta = json.loads((ckpt(run, 10) / "meta.json").read_text())
     assert meta["format"] == "dcp" and meta["parallel"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 2}
 
@@ -254,8 +254,8 @@ def test_trainer_fsdp_x_tp_equals_one_process(tmp_path_factory, extra):
     with compiled blocks: the single-process losses and grad norms within 1e-5 / 1e-4."""
     name = "tp2_fsdp2" + ("_compile" if extra else "")
     run = session_run(tmp_path_factory, name, [*TP2_FSDP2, *extra], nproc=4)
-    assert_losses_close(losses(run), single_losses(tmp_path_factory), range(1, 11), 1e-5)
-    assert_losses_close(losses(run, "grad_norm"), losses(single_run(tmp_path_factory), "grad_norm"), range(1, 11),
+    assert_losses_close(losses_by_step(run), single_losses(tmp_path_factory), range(1, 11), 1e-5)
+    assert_losses_close(losses_by_step(run, "grad_norm"), losses_by_step(single_run(tmp_path_factory), "grad_norm"), range(1, 11),
                         1e-4)
 
 
@@ -263,7 +263,7 @@ def test_trainer_replicas_x_tp_equals_one_process(tmp_path_factory):
     """dp_replicate=2 x tp=2 on 4 ranks: the single-process losses within 1e-5."""
     run = session_run(tmp_path_factory, "tp2_rep2", ["parallel.tp=2", "parallel.dp_replicate=2",
                                                        "train.micro_batch_size=2", *FIRST_HALF], nproc=4)
-    assert_losses_close(losses(run), single_losses(tmp_path_factory), range(1, 11), 1e-5)
+    assert_losses_close(losses_by_step(run), single_losses(tmp_path_factory), range(1, 11), 1e-5)
 
 
 def test_tp_ranks_of_a_replica_read_the_same_samples(tmp_path_factory):
@@ -285,9 +285,9 @@ def test_resume_tp_checkpoint_on_other_layouts(tmp_path_factory, tmp_path, layou
     src = ckpt(session_run(tmp_path_factory, "tp2_fsdp2", TP2_FSDP2, nproc=4), 10)
     micro = 1 if layout == ["parallel.dp_shard=4"] else 4  # global batch 4 on every layout
     run = tmp_path / "resumed"
-    train_run(run, [*corpus_overrides(tmp_path_factory), *layout, "train.max_steps=20",
+    char_run(run, [*corpus_overrides(tmp_path_factory), *layout, "train.max_steps=20",
                     f"train.micro_batch_size={micro}", f"resume={src}"], nproc)
-    got = losses(run)
+    got = losses_by_step(run)
     assert sorted(got) == list(range(11, 21))
     assert_losses_close(got, single_losses(tmp_path_factory), range(11, 21), 1e-5)
 

@@ -117,7 +117,7 @@ def test_autocast_is_on_and_fp16_scaler_skips_and_halves(precision, dtype):
     """Mixed precision really runs: inside a training micro-step the blocks' matmul outputs have the 16-bit
     dtype (fp32 under precision=fp32), the losses differ from fp32 but stay close (3e-2 bf16, 5e-3 fp16); under fp16 an
     injected NaN makes the GradScaler skip that step and halve its scale."""
-    from test_sharded import make_cfg
+    from helpers import make_cfg
 
     from train.config import resolve
     from train.distributed import DistInfo

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sharded import (
+from helpers import (
     assert_losses_close,
     build_engine_of,
     ckpt,
     corpus_overrides,
     init_gloo,
-    losses,
+    losses_by_step,
     make_cfg,
     session_run,
     single_losses,
@@ -22,7 +22,7 @@ from test_sharded import (
     spawn,
     tiny_cfg,
     tiny_gpt_config,
-    train_run,
+    char_run,
 )
 
 pytest.importorskip("deepspeed")
@@ -40,18 +40,18 @@ def zero3_run(f) -> Path:
 
 def test_zero3_matches_single_process(tmp_path_factory):
     run = zero3_run(tmp_path_factory)
-    assert_losses_close(losses(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
-    assert_losses_close(losses(run, "val_loss"), losses(single_run(tmp_path_factory), "val_loss"), [10, 20], 1e-5)
+    assert_losses_close(losses_by_step(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
+    assert_losses_close(losses_by_step(run, "val_loss"), losses_by_step(single_run(tmp_path_factory), "val_loss"), [10, 20], 1e-5)
     meta = json.loads((ckpt(run, 20) / "meta.json").read_text())
     assert (meta["format"], meta["zero_stage"], meta["world_size"]) == ("deepspeed", 3, 2)
     assert "offload: optimizer" in (run / "config.yaml").read_text()
 
 
 def test_zero3_exact_resume(tmp_path_factory):
-    ref = losses(zero3_run(tmp_path_factory))
+    ref = losses_by_step(zero3_run(tmp_path_factory))
     run = session_run(tmp_path_factory, "zero3_resume", [*ZERO3, f"resume={ckpt(zero3_run(tmp_path_factory), 10)}"],
                       nproc=2)
-    got = losses(run)
+    got = losses_by_step(run)
     assert sorted(got) == list(range(11, 21))
     for s in range(11, 21):
         assert got[s] == ref[s], f"step {s}: {got[s]!r} != {ref[s]!r}"
@@ -62,7 +62,7 @@ def test_zero2_grad_accum_and_ac_match_single_process(tmp_path_factory):
     run = session_run(tmp_path_factory, "zero2",
                       ["strategy=zero2", "train.max_steps=20", "train.micro_batch_size=1", "train.grad_accum=2",
                        "train.activation_checkpointing=full"], nproc=2)
-    assert_losses_close(losses(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
+    assert_losses_close(losses_by_step(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
 
 
 # ---------------------------------------------------------------- in-process, 2 spawned ranks
@@ -186,7 +186,7 @@ def test_malformed_ds_config_json_is_one_line_error(tmp_path_factory, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{\n  "zero_optimization": {"stage": 3,}\n}\n')
     run_dir = tmp_path / "run"
-    proc = train_run(run_dir, [*corpus_overrides(tmp_path_factory), "strategy=zero3", f"strategy.ds_config={bad}"],
+    proc = char_run(run_dir, [*corpus_overrides(tmp_path_factory), "strategy=zero3", f"strategy.ds_config={bad}"],
                      check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
@@ -201,5 +201,5 @@ def test_zero3_on_one_process_runs_as_world_size_1(tmp_path_factory):
     run = session_run(tmp_path_factory, "zero3_world1",
                       ["strategy=zero3", "train.max_steps=20", "train.micro_batch_size=4", "train.eval_steps=0",
                        "train.sample_tokens=0", "train.ckpt_every=0"], nproc=1)
-    assert_losses_close(losses(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
+    assert_losses_close(losses_by_step(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
     assert json.loads((ckpt(run, 20) / "meta.json").read_text())["world_size"] == 1

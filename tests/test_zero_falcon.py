@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_sharded import assert_losses_close, ckpt, losses, session_run
+from helpers import assert_losses_close, ckpt, losses_by_step, session_run
 
 pytest.importorskip("deepspeed")
 
@@ -21,9 +21,9 @@ def test_falcon_40b_recipe_zero3_matches_single_process(tmp_path_factory):
     single = session_run(tmp_path_factory, "falcon_single", [*COMMON, "strategy=single", "train.micro_batch_size=2"],
                          model=MINI)
     zero3 = session_run(tmp_path_factory, "falcon_zero3", [*COMMON, "train.micro_batch_size=1"], nproc=2, model=MINI)
-    want = losses(single)
+    want = losses_by_step(single)
     assert want[6] < want[1], "the falcon-mini reference run does not learn"
-    assert_losses_close(losses(zero3), want, range(1, 7), 1e-5)
+    assert_losses_close(losses_by_step(zero3), want, range(1, 7), 1e-5)
     cfg = (zero3 / "config.yaml").read_text()
     assert "activation_checkpointing: full" in cfg and "name: zero3" in cfg
     meta = json.loads((ckpt(zero3, 6) / "meta.json").read_text())
