@@ -190,7 +190,8 @@ class WandbLogger:
     def log(self, event: Mapping[str, Any]) -> None:
         data = {k: v for k, v in event.items() if k != "step" and v is not None}
         if "val_loss" in data:
-            data = {"val/loss": data["val_loss"], "val/perplexity": math.exp(min(data["val_loss"], 50.0))}
+            data = {"val/loss": data["val_loss"], "val/perplexity": math.exp(min(data["val_loss"], 50.0)),
+                    **{f"val/loss/{k[9:]}": v for k, v in data.items() if k.startswith("val_loss/")}}
         else:
             data = {f"train/{k}": v for k, v in data.items()}
         self.run.log(data, step=int(event["step"]))

@@ -108,15 +108,15 @@ class Trainer:
 
     # ------------------------------------------------------------ pieces
 
-    def evaluate(self) -> float:
+    def evaluate(self, loader=None) -> float:
         """Mean val loss over ``train.eval_steps`` micro-batches per rank, averaged over ranks."""
         with torch.random.fork_rng(devices=[]):  # eval must not move the training RNG stream
-            return self._evaluate()
+            return self._evaluate(self.val_loader if loader is None else loader)
 
-    def _evaluate(self) -> float:
+    def _evaluate(self, loader) -> float:
         total = torch.zeros((), device=self.dist.device)
         n = 0
-        for i, (x, y) in enumerate(self.val_loader):
+        for i, (x, y) in enumerate(loader):
             if i >= self.cfg.train.eval_steps:
                 break
             x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
@@ -139,8 +139,11 @@ class Trainer:
 
     def _log_eval(self) -> float:
         val = self.evaluate()
+        event = {"step": self.step, "val_loss": val}
+        for label, loader in getattr(self.val_loader, "sources", {}).items():  # data.mixture: per source
+            event[f"val_loss/{label}"] = self.evaluate(loader)
         if self.logger is not None:
-            self.logger.log({"step": self.step, "val_loss": val})
+            self.logger.log(event)
             self.logger.plot()
             log.info(f"step {self.step:>6} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f}")
         return val
@@ -245,6 +248,7 @@ class Trainer:
                          "tokens": self.tokens, "tokens_per_s": tps,
                          "mfu": tps * flops_per_token / (peak * dist.world_size),
                          "mem_gb": memory_gb(device), "time": self.elapsed + (now - self._t0)}
+                event.update(getattr(self.train_loader, "metrics", dict)())  # data.mixture: tokens/epochs per source
                 if self.logger is not None:
                     self.logger.log(event)
                     log.info(format_line(event))
