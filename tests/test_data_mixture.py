@@ -27,9 +27,8 @@ def tok():
 
 
 def _write_corpus(path: Path, word: str, n_docs: int, words: int) -> Path:
-    with open(path, "w") as f:
-        for i in range(n_docs):
-            f.write(json.dumps({"text": f"{word} {i}: " + " ".join(f"{word}{i}x{j}" for j in range(words))}) + "\n")
+    docs = [{"text": f"{word} {i}: " + " ".join(f"{word}{i}x{j}" for j in range(words))} for i in range(n_docs)]
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
     return path
 
 
