@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import model.loss as model_loss
-from helpers import build_engine_of, init_gloo, make_cfg, spawn
+from helpers import CountCollectives, build_engine_of, init_gloo, leave_gloo, make_cfg, spawn
 from train.distributed import DistInfo
 
 FAMILIES = ["gpt2-tiny", "llama-tiny", "gemma-tiny"]  # gemma-tiny: 256K vocabulary, tied, scaled embedding
@@ -172,42 +172,74 @@ def test_unknown_loss_impl_is_a_one_line_error():
 SMALL = {"model__n_layer": 2, "model__n_embd": 64, "model__n_head": 4, "model__vocab_size": 96, "model__block_size": 64}
 
 
+def _train_counted(engine, data) -> tuple[torch.Tensor, object, list[int]]:
+    """Two micro-steps (grad accumulation 2) and the optimizer step, each under a collective counter: the
+    mean micro-step losses over the ranks, the step's stats, and the reducing collectives of each phase."""
+    import torch.distributed as dist
+
+    reduces, losses = [], []
+    for i, (x, y) in enumerate(data):
+        with CountCollectives() as count:
+            losses.append(engine.micro_step(x, y, last=i == len(data) - 1).item())
+        reduces.append(count.reduces)
+    with CountCollectives() as count:
+        stats = engine.step()
+    reduces.append(count.reduces)
+    losses = torch.tensor(losses)
+    dist.all_reduce(losses)
+    return losses / dist.get_world_size(), stats, reduces
+
+
 def _sharded_worker(rank, world_size, port, strategy, want):
     init_gloo(rank, world_size, port)
-    import torch.distributed as dist
 
     model_loss.CHUNK_ELEMENTS = 96 * 5  # several chunks per micro-batch
     extra = {"strategy__zero_stage": 3, "strategy__param_persistence_threshold": 0} if strategy == "zero3" else {}
-    engine = build_engine_of(engine_cfg("gpt2-tiny", "fused", strategy__name=strategy, **extra, **SMALL),
-                             DistInfo(rank=rank, local_rank=rank, world_size=world_size))
+    dist_info = DistInfo(rank=rank, local_rank=rank, world_size=world_size)
+    engine = build_engine_of(engine_cfg("gpt2-tiny", "fused", strategy__name=strategy, **extra, **SMALL), dist_info)
     data = [(x[rank:rank + 1], y[rank:rank + 1]) for x, y in batches(96)]  # this rank's half of each micro-batch
-    losses = torch.tensor([engine.micro_step(x, y, last=i == 1).item() for i, (x, y) in enumerate(data)])
-    dist.all_reduce(losses)
-    stats = engine.step()
-    assert torch.allclose(losses / world_size, torch.tensor(want["losses"]), atol=1e-5, rtol=0)
-    assert abs(float(stats.grad_norm) - want["grad_norm"]) <= 1e-5, (float(stats.grad_norm), want["grad_norm"])
+    losses, stats, reduces = _train_counted(engine, data)
+    _check_against(want, losses, stats, strategy, rank, _gathered_params(engine, strategy))
     if strategy == "fsdp":
-        params = {n: p.full_tensor() for n, p in engine.raw.named_parameters()}
-    else:
-        import deepspeed
+        # gradient sync only on the last micro-step, counted: FSDP2 reduce-scatters once per FSDP group (2 blocks +
+        # the root) on the last micro-step and never on the first; the optimizer step reduces nothing more
+        assert reduces == [0, 3, 0], f"fsdp reducing collectives (first micro-step, last, step): {reduces}"
+        # DDP on the same group and data: one all-reduce (one bucket) on the last micro-step, none on the first
+        ddp = build_engine_of(engine_cfg("gpt2-tiny", "fused", strategy__name="ddp", **SMALL), dist_info)
+        losses, stats, reduces = _train_counted(ddp, data)
+        _check_against(want, losses, stats, "ddp", rank, dict(ddp.raw.named_parameters()))
+        assert reduces == [0, 1, 0], f"ddp reducing collectives (first micro-step, last, step): {reduces}"
+    leave_gloo()
 
-        params = {}
-        for n, p in engine.engine.module.named_parameters():
-            with deepspeed.zero.GatheredParameters([p]):
-                params[n] = p.data.clone()
+
+def _gathered_params(engine, strategy: str) -> dict[str, torch.Tensor]:
+    if strategy == "fsdp":
+        return {n: p.full_tensor() for n, p in engine.raw.named_parameters()}
+    import deepspeed
+
+    params = {}
+    for n, p in engine.engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            params[n] = p.data.clone()
+    return params
+
+
+def _check_against(want, losses, stats, strategy, rank, params) -> None:
+    assert torch.allclose(losses, torch.tensor(want["losses"]), atol=1e-5, rtol=0), (strategy, losses)
+    assert abs(float(stats.grad_norm) - want["grad_norm"]) <= 1e-5, (strategy, float(stats.grad_norm))
+    assert params.keys() == want["params"].keys()
     for name, p in params.items():
-        err = (p - want["params"][name]).abs().max().item()
+        err = (p.detach() - want["params"][name]).abs().max().item()
         assert err <= 1e-5, f"{strategy} rank {rank} {name}: {err:.3g}"
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"], ids=["fsdp_and_ddp", "zero3"])
 def test_fused_on_2_ranks_equals_one_process(strategy, monkeypatch):
     """2 gloo ranks with the fused loss (the default), micro-batch 1 x grad-accum 2 each: the losses, the
     global gradient norm and the updated weights equal one process on the whole batch with
-    F.cross_entropy on fp32 logits, within 1e-5 (tied embeddings: gpt2-tiny)."""
+    F.cross_entropy on fp32 logits, within 1e-5 (tied embeddings: gpt2-tiny). FSDP2 and DDP (on the same
+    2-rank group) reduce gradients only on the last micro-step: the reducing collectives are counted."""
     engine = build_engine_of(engine_cfg("gpt2-tiny", "torch", **SMALL), DistInfo(device=torch.device("cpu")))
     losses = [engine.micro_step(x, y, last=i == 1).item() for i, (x, y) in enumerate(batches(96))]
     stats = engine.step()
