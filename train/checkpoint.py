@@ -18,6 +18,7 @@ with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from train.distributed import any_rank, barrier
+from train.ops.errors import StorageError, storage_cause
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,11 @@ _NAME_RE = re.compile(r"^step_(\d{7,})$")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model (one-line message)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed for a reason other than the storage: during training that is an
+    internal error (exit 1, train/ops/errors.py), never a usage error."""
 
 
 def ckpt_name(step: int) -> str:
@@ -157,8 +164,18 @@ def torch_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle garbage, disallowed globals ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint file {path} is truncated or not a checkpoint ({msg[:160]})") from None
+        raise CheckpointError(f"checkpoint file {path} is truncated or not a checkpoint "
+                              f"({_load_failure(e)})") from None
+
+
+def _load_failure(e: BaseException) -> str:
+    """The reason in torch.load's error, without its paragraphs about ``weights_only``."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:  # garbage bytes or a pickle of something other than tensors / containers
+        reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+        return f"unpickling failed: {reason[:120]}" if reason else "unpickling failed"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first[:160]
 
 
 def check_shapes(expected: Mapping[str, torch.Size], found: Mapping[str, Any], where: str) -> None:
@@ -230,11 +247,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(engine, run_dir: str | Path, step: int, extra: Mapping[str, Any], *, model_config: Mapping,
-                    precision: str, keep_last: int, is_main: bool) -> Path:
+                    precision: str, keep_last: int, is_main: bool, fault: str | None = None) -> Path:
     """Collective. Writes ``step_NNNNNNN.tmp`` (the engine's state, meta.json, every rank's ``extra``),
     renames it, then points ``latest`` at it and prunes to ``keep_last``. On any rank's failure the temp
-    dir is removed, the previous checkpoints and ``latest`` are untouched, and CheckpointError is raised
-    on all ranks. The one place meta.json is written."""
+    dir is removed, the previous checkpoints and ``latest`` are untouched, and on all ranks StorageError is
+    raised (disk full / read-only: exit 5) or CheckpointSaveError (anything else). The one place meta.json is
+    written."""
     root = checkpoints_dir(run_dir)
     final = root / ckpt_name(step)
     tmp = root / (ckpt_name(step) + ".tmp")
@@ -249,14 +267,26 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, extra: Mapping[str, 
         if is_main:
             write_meta(tmp, step=step, model_config=model_config, precision=precision, **engine.meta())
         save_extra(tmp, extra, engine.dist.rank)
-    except Exception as e:  # noqa: BLE001 - reported below, on every rank
+        if fault == "enospc":  # test hook (train.fault_enospc_steps): the writer hits a full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "__0_0.distcp"))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; reported below
         error = e
+    # what the storage says before the partial checkpoint is removed (removing it frees the space again)
+    storage = storage_cause(error, tmp) if error is not None else None
     if any_rank(error is not None):
+        full = any_rank(storage is not None)
         barrier()
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        why = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
-        raise CheckpointError(f"saving checkpoint {final} failed ({why}); previous checkpoints kept")
+        previous = latest_checkpoint(run_dir)
+        kept = f"latest is still {previous.name}" if previous is not None else "no earlier checkpoint exists"
+        if full:
+            raise StorageError(f"saving checkpoint {final} failed: {storage or 'no space left on device (another rank)'}"
+                               f" under {root}; {kept}; free space there and resume=auto continues", path=root)
+        why = f"{type(error).__name__}: {dcp_failure_line(error)}" if error is not None else "failed on another rank"
+        raise CheckpointSaveError(f"saving checkpoint {final} failed ({why}); {kept}")
     barrier()
     if is_main:
         if final.exists():  # the same step saved again (e.g. resumed then stopped at once)

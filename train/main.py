@@ -4,16 +4,20 @@ Order of work: compose + type-check the config (Hydra) -> validate and resolve i
 parallel dims, tokenizer; ``cfg`` is never written) -> join the process group -> build data and the
 parallel model (train/parallel) -> resume -> write config.yaml -> train. Everything a user
 can get wrong is reported before the first forward pass as one line ``error: ...`` on stderr with
-exit code 2, and a run dir that this invocation created is removed again.
+exit code 2, and a run dir that this invocation created is removed again. Later failures are sorted into
+the other exit codes of train/ops/errors.py: an unexpected exception is exit 1 with one line on the
+console, the traceback in ``<run.dir>/error.txt``, and the run dir and its checkpoints kept.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -21,11 +25,21 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from train.config import ConfigError, RunSpec, resolve  # importing train.config registers the schema
+from train.ops.errors import (
+    EXIT_DIST,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_STORAGE,
+    EXIT_USAGE,
+    STORAGE_ERRNOS,
+    StorageError,
+    write_error_file,
+)
+from train.ops.lock import LOCK_FILE
 
 log = logging.getLogger("train")
 
-EXIT_USAGE = 2  # bad input: config value, data path, checkpoint
-EXIT_DIST = 4  # a collective failed or timed out
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _remove_new_run_dir(run_dir: Path, created: bool) -> None:
@@ -46,7 +60,33 @@ def _setup_logging(is_main: bool) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> int:
-    """Validate, build and train; returns the exit code (0 done, 2 bad input, 3 NaN, 4 collective, 75 preempted)."""
+    """Validate, build and train; returns the exit code (train/ops/errors.py: 0 done, 1 internal error,
+    2 bad input, 3 NaN / spikes, 4 collective or hang, 5 storage, 75 preempted, 130 interrupted)."""
+    from train.distributed import env_rank_info
+    from train.ops.lock import RunDirLock, RunDirLocked
+
+    rank, _, _ = env_rank_info()
+    _setup_logging(rank == 0)
+    run_dir = Path(run_dir).absolute()
+    created = (rank == 0 and not any(p.name not in (".hydra", LOCK_FILE) for p in run_dir.glob("*"))
+               if run_dir.exists() else True)
+    lock = RunDirLock(run_dir)
+    if rank == 0:
+        try:
+            lock.acquire()
+        except RunDirLocked as e:  # the dir is another live run's: never remove anything of it
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as e:
+            print(f"error: run.dir {run_dir} cannot be written ({_one_line(e)})", file=sys.stderr)
+            return EXIT_STORAGE if getattr(e, "errno", None) in STORAGE_ERRNOS else EXIT_USAGE
+    try:
+        return _run(cfg, run_dir, rank, created)
+    finally:
+        lock.release()
+
+
+def _run(cfg: DictConfig, run_dir: Path, rank: int, created: bool) -> int:
     import dataclasses
 
     import torch
@@ -54,11 +94,9 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
     from train.checkpoint import list_checkpoints, resolve_resume
     from train.distributed import destroy_distributed, env_rank_info, init_distributed
 
-    rank, _, world = env_rank_info()
-    _setup_logging(rank == 0)
-    run_dir = Path(run_dir).absolute()
-    created = rank == 0 and not any(p.name not in (".hydra",) for p in run_dir.glob("*")) if run_dir.exists() else True
+    _, _, world = env_rank_info()
     dist = None
+    phase = "validate"
     try:
         # ---- input validation: nothing is built or written before this passes
         try:
@@ -66,11 +104,21 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
             from train.parallel import check_environment
 
             check_environment(cfg)  # launcher, deepspeed, bf16/fp16 support
+            if spec.dims.engine == "deepspeed":
+                from train.parallel.deepspeed import validate_deepspeed_config
+
+                validate_deepspeed_config(cfg, world)
             resume_from = resolve_resume(cfg.resume, run_dir)
             own = list_checkpoints(run_dir)
-            if own and (resume_from is None or resume_from.parent.parent.resolve() != run_dir.resolve()):
+            ours = resume_from is not None and resume_from.parent.parent.resolve() == run_dir.resolve()
+            if own and not ours:
                 raise ConfigError(f"run dir {run_dir} already holds checkpoints; resume=auto continues it, "
                                   f"or choose a new run.dir (resume={cfg.resume} would overwrite them)")
+            earlier = [f for f in ("metrics.jsonl", "config.yaml") if (run_dir / f).is_file()]
+            if earlier and not ours:
+                raise ConfigError(f"run dir {run_dir} holds {' and '.join(earlier)} of an earlier run but no checkpoint "
+                                  f"of it to resume (resume={cfg.resume}); choose a new run.dir, or delete them to "
+                                  f"start over in this one")
             if resume_from is not None:
                 _check_resume_compatible(resume_from, spec.gpt_config)
             dist = init_distributed(cfg.train.device, cfg.strategy.backend, cfg.strategy.timeout_s)
@@ -90,6 +138,7 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
 
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
+        phase = "build"
         try:
             # resuming: the checkpoint's weights replace the start, so model.init_from is not loaded first
             build_spec = dataclasses.replace(spec, init_from=None) if resume_from is not None else spec
@@ -97,11 +146,14 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
             trainer = Trainer(cfg, spec, run_dir, dist, engine, tok, train_loader, val_loader)
             if resume_from is not None:  # now, so a bad checkpoint fails before config.yaml is touched
                 trainer.resume(resume_from)
-        except (ValueError, OSError) as e:
+        except ValueError as e:
+            if not _is_input_error(e):
+                raise
             print(f"error: {_one_line(e)}", file=sys.stderr)
             if rank == 0:
                 _remove_new_run_dir(run_dir, created)
             return EXIT_USAGE
+        phase = "train"
         if dist.is_main:
             resolved = spec.resolved_config(cfg)
             resolved["run"]["dir"] = str(run_dir)
@@ -111,15 +163,58 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
                      f"{cfg.strategy.name} x{dist.world_size} ({spec.dims.describe()}) on {dist.device} | "
                      f"precision {cfg.precision.name}")
         return trainer.fit()
-    except RuntimeError as e:  # gloo/NCCL failures surface as DistError or plain RuntimeError
-        if dist is None or not dist.enabled or not _is_comm_error(e):
-            raise
-        print(f"error: rank {rank}: a collective failed or timed out (strategy.timeout_s="
-              f"{cfg.strategy.timeout_s}): {_one_line(e)}", file=sys.stderr)
-        return EXIT_DIST
+    except StorageError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_STORAGE
+    except KeyboardInterrupt:  # Ctrl-C before the loop's handler is installed, or a second one inside it
+        print(f"error: interrupted (SIGINT) during {phase}; nothing saved since the latest checkpoint "
+              f"({_latest_name(run_dir)})", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - sorted into the documented exit codes below
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            where = e.filename or run_dir
+            print(f"error: cannot write {where}: {(e.strerror or str(e)).lower()} (errno {errno.errorcode.get(e.errno)}); "
+                  f"latest checkpoint: {_latest_name(run_dir)}", file=sys.stderr)
+            return EXIT_STORAGE
+        if dist is not None and dist.enabled and isinstance(e, RuntimeError) and _is_comm_error(e):
+            print(f"error: rank {rank}: a collective failed or timed out (strategy.timeout_s="
+                  f"{cfg.strategy.timeout_s}): {_one_line(e)}", file=sys.stderr)
+            return EXIT_DIST
+        path = write_error_file(run_dir, rank, e)
+        if path is None:
+            traceback.print_exception(e)
+        where = f"full traceback in {path}" if path is not None else "traceback above"
+        print(f"error: internal error during {phase} on rank {rank}: {type(e).__name__}: {_one_line(e, 300)} "
+              f"({where}; run dir and checkpoints kept)", file=sys.stderr)
+        return EXIT_INTERNAL
     finally:
         if dist is not None:
             destroy_distributed()
+
+
+def _latest_name(run_dir: Path) -> str:
+    from train.checkpoint import latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(run_dir)
+    except (ValueError, OSError):
+        return "unreadable"
+    return str(latest) if latest is not None else "none"
+
+
+def _is_input_error(e: ValueError) -> bool:
+    """A ValueError while building is the user's (exit 2) when it is one of our typed validation errors or was
+    raised by lmforge's own checks (model/, train/); from inside torch / DeepSpeed it is an internal error."""
+    from train.checkpoint import CheckpointError
+    from train.data.errors import DataError
+
+    if isinstance(e, ConfigError | CheckpointError | DataError):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return False
+    origin = Path(frames[-1].filename).resolve()
+    return type(e) is ValueError and any(origin.is_relative_to(REPO / d) for d in ("model", "train"))
 
 
 def _check_resume_compatible(ckpt: Path, gpt_config) -> None:
@@ -175,9 +270,9 @@ def _is_comm_error(e: BaseException) -> bool:
                                    "ProcessGroup", "Watchdog"))
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException, limit: int = 400) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # the repo's conf/ by absolute path (a relative one would be looked up as a Python package under -m)
@@ -219,9 +314,28 @@ def precheck(args: list[str]) -> str | None:
 
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides)
+            run_dir = str(cfg.run.dir)
     except Exception as e:  # noqa: BLE001 - every composition error is a user error here
         return _hydra_error_line(e)
+    return run_dir_problem(run_dir)
+
+
+def run_dir_problem(run_dir: str) -> str | None:
+    """Why ``run.dir`` cannot be created (a path through an existing file, a read-only parent), else None:
+    checked before Hydra tries to make it."""
+    import os
+
+    p = Path(run_dir).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        return f"run.dir={run_dir} is an existing file, not a directory; choose another run.dir"
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"run.dir={run_dir} goes through {parent}, which is a file, not a directory; choose another run.dir"
+    if parent != p and not os.access(parent, os.W_OK | os.X_OK):
+        return f"run.dir={run_dir} cannot be created: {parent} is not writable; choose another run.dir"
     return None
 
 

@@ -145,8 +145,12 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(event)
 
+    @property
+    def plot_path(self) -> Path:
+        return self.run_dir / "loss.png"
+
     def plot(self) -> None:
-        plot_losses(self.events, self.run_dir / "loss.png")
+        plot_losses(self.events, self.plot_path)
 
     def sample(self, step: int, prompt: str, text: str) -> None:
         if self.wandb is not None:

@@ -24,13 +24,10 @@ import torch
 from train.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.distributed import DistInfo, any_rank
 from train.metrics import MetricsLogger, format_line, memory_gb, peak_flops
+from train.ops.errors import EXIT_INTERRUPTED, EXIT_NAN, EXIT_OK, EXIT_PREEMPTED
 from train.sample import generate_text
 
 log = logging.getLogger("train")
-
-EXIT_OK = 0
-EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL: requeue me)
-EXIT_NAN = 3  # stopped after train.max_nan_skips non-finite steps in a row
 
 
 class StopTraining(Exception):
@@ -42,7 +39,8 @@ class StopTraining(Exception):
 
 
 class SignalFlag:
-    """SIGTERM / SIGUSR1 set a flag (handled at the next step boundary, not mid-step)."""
+    """SIGTERM / SIGUSR1 / SIGINT set a flag (handled at the next step boundary, not mid-step: the step
+    finishes and a checkpoint is written). A second SIGINT (Ctrl-C twice) aborts at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -50,7 +48,7 @@ class SignalFlag:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
@@ -58,8 +56,13 @@ class SignalFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
+        if self.signum is None or signum == signal.SIGINT:
             self.signum, self.received_at = signum, time.time()
+            if signum == signal.SIGINT:
+                print("\nSIGINT: finishing this step and saving a checkpoint (Ctrl-C again aborts at once)",
+                      file=sys.stderr, flush=True)
 
 
 class Trainer:
@@ -130,9 +133,10 @@ class Trainer:
                              temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed + self.step)
 
     def save(self) -> Path:
+        fault = "enospc" if self.step in self.cfg.train.fault_enospc_steps else None  # test hook: disk full
         path = save_checkpoint(self.engine, self.run_dir, self.step, self.extra_state(),
                                model_config=self.spec.gpt_config.to_dict(), precision=self.cfg.precision.name,
-                               keep_last=self.cfg.train.keep_last, is_main=self.dist.is_main)
+                               keep_last=self.cfg.train.keep_last, is_main=self.dist.is_main, fault=fault)
         if self.dist.is_main:
             log.info(f"saved checkpoint {path}")
         return path
@@ -198,6 +202,7 @@ class Trainer:
             self.logger.summary({"final_step": self.step, "tokens": self.tokens})
             self.logger.plot()
             self.logger.close()
+            log.info(f"metrics: {self.logger.path} | loss curve: {self.logger.plot_path}")
         if message is not None and dist.is_main:
             print(message, file=sys.stderr, flush=True)
         return code
@@ -263,6 +268,8 @@ class Trainer:
                 self.save()
             if stop:
                 return self._preempted()
+            if t.fault_error_step == self.step:  # fault injection: a bug (not bad input) in the middle of a run
+                raise ValueError(f"injected internal error at step {self.step} (train.fault_error_step)")
         if dist.is_main:
             figures = f"final: step {self.step}, {self.tokens:,} tokens, {self.elapsed + self._seg_time():.1f} s"
             if last_val is not None:
@@ -288,11 +295,12 @@ class Trainer:
 
     def _preempted(self) -> int:
         took = time.time() - (self.signals.received_at or time.time())
+        code = EXIT_INTERRUPTED if self.signals.signum == signal.SIGINT else EXIT_PREEMPTED
         if self.dist.is_main:
             name = signal.Signals(self.signals.signum).name if self.signals.signum else "a signal on another rank"
             log.warning(f"received {name}: finished step {self.step}, saved a checkpoint, exiting with code "
-                        f"{EXIT_PREEMPTED} ({took:.1f} s from signal to exit)")
-        return EXIT_PREEMPTED
+                        f"{code} ({took:.1f} s from signal to exit)")
+        return code
 
 
 def _flops_per_token(gpt_config, seq_len: int) -> float:

@@ -55,6 +55,7 @@ class Corpus:
     val_fraction: float = 0.05
     whole_docs: bool = False  # hold out whole documents (True) or the tail of each document (False)
     skipped_utf8: dict[str, int] = field(default_factory=dict)
+    null_texts: dict[str, int] = field(default_factory=dict)  # jsonl records whose text field is null, per file
 
     @property
     def fingerprint(self) -> str:
@@ -112,7 +113,7 @@ class Corpus:
         return "\n".join(good)
 
     def _jsonl_documents(self, f: Path) -> Iterator[str]:
-        bad = 0
+        bad = nulls = 0
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 if not raw.strip():
@@ -123,9 +124,12 @@ class Corpus:
                     bad += 1
                     continue
                 text = _record_text(f, lineno, line, self.text_field)
-                if text:
+                if text is None:
+                    nulls += 1
+                elif text:
                     yield text
         self._skipped(f, bad)
+        self.null_texts[str(f)] = nulls
 
     def _skipped(self, f: Path, n: int) -> None:
         """Record the invalid-UTF-8 lines of one full read of `f`; warn once per file (every split
@@ -141,6 +145,10 @@ class Corpus:
         """One line for a corpus that yielded no document: which files, and why they came out empty."""
         where = name_files(self.files)
         bad = {f: n for f, n in self.skipped_utf8.items() if n}
+        nulls = sum(self.null_texts.values())
+        if nulls and not bad:
+            return (f"no documents in the {self.kind} corpus {where}: no record has a non-empty {self.text_field!r} "
+                    f"({nulls} record(s) have {self.text_field!r}: null); check the files or data.text_field")
         if not bad:
             return f"no documents in the {self.kind} corpus {where}: every file is empty or whitespace"
         per = ""
@@ -181,7 +189,8 @@ def _file_hash(f: Path) -> str:
     return _memoized(f, "sha256", digest)
 
 
-def _record_text(f: Path, lineno: int, line: str, text_field: str) -> str:
+def _record_text(f: Path, lineno: int, line: str, text_field: str) -> str | None:
+    """The record's text; None when the field is null (counted: a corpus of nulls is reported as such)."""
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
@@ -192,7 +201,7 @@ def _record_text(f: Path, lineno: int, line: str, text_field: str) -> str:
                         f"set data.text_field")
     text = rec[text_field]
     if text is None:
-        return ""
+        return None
     if not isinstance(text, str):
         raise DataError(f"{f}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
     return text
