@@ -164,6 +164,8 @@ class TrainConfig:
     # test hooks (fault injection): the loss of these steps becomes NaN
     fault_nan_steps: list[int] = field(default_factory=list)
     fault_stall_rank: int | None = None  # this rank stalls at step 2 for 3 x strategy.timeout_s (+5 s)
+    fault_error_step: int | None = None  # an unexpected ValueError after this step (an internal error: exit 1)
+    fault_enospc_steps: list[int] = field(default_factory=list)  # saving at these steps hits "no space left"
     trace_samples: bool = False  # each rank writes trace/rank<r>.jsonl with hashes of its samples
 
 
