@@ -14,6 +14,7 @@ from helpers import (
     ckpt,
     corpus_overrides,
     init_gloo,
+    leave_gloo,
     losses_by_step,
     make_cfg,
     session_run,
@@ -113,45 +114,51 @@ def _build_worker(rank: int, world_size: int, port: int, out_dir: str, replicate
     result["init_equal"] = all(torch.equal(p.full_tensor(), ref[n]) for n, p in engine.raw.named_parameters())
     result["placements"] = [type(pl).__name__ for pl in engine.raw.tok_emb.weight.placements]
 
-    # one optimizer step on a global batch of 4 split over the ranks == the single-process step
+    # two optimizer steps on global batches of 4 split over the ranks == the single-process steps
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randint(0, 96, (4, 32), generator=g), torch.randint(0, 96, (4, 32), generator=g)
     per = 4 // world_size
-    engine.micro_step(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], last=True)
-    stats = engine.step()
-    single.micro_step(x, y, last=True)
-    ref_stats = single.step()
-    assert not stats.skipped and not ref_stats.skipped and stats.lr == ref_stats.lr
-    result["grad_norm"] = [float(stats.grad_norm), float(ref_stats.grad_norm)]
+    result["losses"], result["grad_norm"] = [], []
+    for _ in range(2):
+        x, y = torch.randint(0, 96, (4, 32), generator=g), torch.randint(0, 96, (4, 32), generator=g)
+        loss = engine.micro_step(x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per], last=True)
+        dist.all_reduce(loss)
+        stats = engine.step()
+        ref_loss = single.micro_step(x, y, last=True)
+        ref_stats = single.step()
+        assert not stats.skipped and not ref_stats.skipped and stats.lr == ref_stats.lr
+        result["losses"].append([loss.item() / world_size, ref_loss.item()])
+        result["grad_norm"].append([float(stats.grad_norm), float(ref_stats.grad_norm)])
     result["max_param_diff"] = max((p.full_tensor() - ref[n]).abs().max().item()
                                    for n, p in engine.raw.named_parameters())
     result["bytes"] = engine.state_bytes()
     result["single_bytes"] = single.state_bytes()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()  # leave together (gloo can abort a rank that tears down while its peer still works)
-    dist.destroy_process_group()
+    leave_gloo()
 
 
-@pytest.mark.parametrize("replicate", [1, 2], ids=["fsdp", "hsdp"])
-def test_fsdp_meta_init_state_bytes_and_one_step(tmp_path, replicate):
-    spawn(_build_worker, 2, str(tmp_path), replicate)
-    for rank in range(2):
+@pytest.mark.parametrize("world,replicate", [(2, 1), (4, 2)], ids=["fsdp2", "hsdp2x2"])
+def test_fsdp_meta_init_state_bytes_and_two_steps(tmp_path, world, replicate):
+    """FSDP2 on 2 ranks, and real HSDP on 4 (2 replicas x shard groups of 2): sharded on meta, the
+    single-process init, each rank holds half the elements (placements Shard, or Replicate + Shard) and half
+    the parameter and AdamW bytes, and two steps give the single-process losses and grad norms within 1e-5."""
+    spawn(_build_worker, world, str(tmp_path), replicate)
+    placements = ["Shard"] if replicate == 1 else ["Replicate", "Shard"]
+    for rank in range(world):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["all_dtensor_on_meta"], "fully_shard must turn meta parameters into DTensor shards"
-        assert r["dims"] == {"pp": 1, "dp_replicate": replicate, "dp_shard": 2 // replicate, "tp": 1}
+        assert r["dims"] == {"pp": 1, "dp_replicate": replicate, "dp_shard": world // replicate, "tp": 1}
+        assert r["placements"] == placements
         assert r["init_equal"], "initial FSDP weights differ from the single-process init"
+        assert len(r["losses"]) == 2
+        for (got, want), (norm, ref_norm) in zip(r["losses"], r["grad_norm"], strict=True):
+            assert abs(got - want) <= 1e-5, (rank, r["losses"])
+            assert abs(norm - ref_norm) <= 1e-5 * ref_norm, (rank, r["grad_norm"])
         assert r["max_param_diff"] < 1e-6, r["max_param_diff"]
-        assert abs(r["grad_norm"][0] - r["grad_norm"][1]) < 1e-5 * r["grad_norm"][1]
+        # the shard group has 2 ranks in both layouts: each rank holds half of parameters and AdamW state
         b, s = r["bytes"], r["single_bytes"]
-        if replicate == 1:  # FSDP: each rank holds half of parameters and AdamW state
-            assert r["placements"] == ["Shard"]
-            assert abs(r["local_numel"] / r["global_numel"] - 0.5) < 0.05
-            for key in ("params", "optimizer"):
-                assert abs(b[key] / s[key] - 0.5) < 0.05, (key, b[key], s[key])
-        else:  # HSDP on 2 ranks: (replicate=2, shard=1) -> full replicas, gradients all-reduced
-            assert r["placements"] == ["Replicate", "Shard"]
-            assert r["local_numel"] == r["global_numel"]
-            assert b["params"] == s["params"]
+        assert abs(r["local_numel"] / r["global_numel"] - 0.5) < 0.05, (r["local_numel"], r["global_numel"])
+        for key in ("params", "optimizer"):
+            assert abs(b[key] / s[key] - 0.5) < 0.05, (key, b[key], s[key])
 
 
 # ---------------------------------------------------------------- bad input
