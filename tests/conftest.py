@@ -40,7 +40,7 @@ def in_ci() -> bool:
 # marked `slow`, so `make test-fast` (-m "not slow") is the single-process edit loop
 MULTI_RANK_MODULES = {"test_export", "test_faults", "test_fsdp", "test_model_init_sharded", "test_multinode",
                       "test_multinode_tp", "test_sharded", "test_slurm", "test_tp", "test_train_signals",
-                      "test_data_mixture_ranks",
+                      "test_data_mixture_ranks", "test_hf_stream",
                       "test_zero", "test_zero_falcon"}
 
 

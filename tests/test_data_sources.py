@@ -91,41 +91,58 @@ def hf_files(tmp_path_factory):
     return d, docs
 
 
+def _windows(tok, docs):
+    s = stream_of(tok, docs)
+    return [s[i * T:i * T + T + 1] for i in range((len(s) - 1) // T)]
+
+
+def _global_rows(tok, docs, V, G, n_steps):
+    """Oracle: x rows of n_steps global batches of a single-file stream cut into V shards (shard v = every
+    V-th record from record v): step k = the next G / V windows of shard 0, then of shard 1, ..."""
+    c = G // V
+    wins = [_windows(tok, docs[v::V]) for v in range(V)]
+    return [torch.tensor([wins[v][k * c + j] for v in range(V) for j in range(c)])[:, :-1] for k in range(n_steps)]
+
+
 @pytest.mark.parametrize("fname", ["train.jsonl", "train.parquet"])
 def test_hf_stream_from_local_files(hf_files, tok, fname):
     d, docs = hf_files
     cfg = DataConfig(source="hf", path=str(d / fname), val_docs=10, shuffle=False)
     one = build_dataloader(cfg, tok, "train", T, 2)
-    expect = _packed(tok, docs[10:], 2)
-    got = [x for _, (x, _) in zip(range(len(expect)), one)]
-    assert all(torch.equal(a, b) for a, b in zip(got, expect)) and len(got) == len(expect)
+    assert one.n_shards == 2  # auto: the largest divisor of the global batch (2) up to 32
+    expect = _global_rows(tok, docs[10:], 2, 2, 20)
+    got = [x for _, (x, _) in zip(range(20), one)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expect)) and len(got) == 20
     val = build_dataloader(cfg, tok, "val", T, 2)
     assert torch.equal(next(iter(val))[0], _packed(tok, docs[:10], 2)[0])  # the first val_docs documents
-    # 2 ranks: a single-file stream is split record-wise, rank r reads every 2nd document
+    # 2 ranks x 2: global batch 4 = 4 shards; rank r holds rows [2r, 2r+2) of every step
+    expect = _global_rows(tok, docs[10:], 4, 4, 5)
     for r in range(2):
         ld = build_dataloader(cfg, tok, "train", T, 2, 1, r, 2)
-        exp = _packed(tok, docs[10:][r::2], 2)
-        assert all(torch.equal(x, e) for (x, _), e in zip(ld, exp[:5]))
+        assert all(torch.equal(x, e[2 * r:2 * r + 2]) for (x, _), e in zip(ld, expect))
 
 
-def test_hf_workers_and_resume(hf_files, tok):
+def test_hf_workers_and_resume(hf_files, tok, monkeypatch):
+    """Workers split the shards; the stream is that of 0 workers, and a state resumes with any worker count."""
+    from train.data import hf
+
+    monkeypatch.setattr(hf, "_READ_BATCH", 1)  # a dataset state after every record: this stream is short
     d, docs = hf_files
     cfg = DataConfig(source="hf", path=str(d / "train.jsonl"), val_docs=10, shuffle=False, num_workers=2)
-    ld = build_dataloader(cfg, tok, "train", T, 2)
-    per_worker = [_packed(tok, docs[10:][w::2], 2) for w in range(2)]
-    expect = [per_worker[k % 2][k // 2] for k in range(10)]  # workers are read round-robin
+    ld = build_dataloader(cfg, tok, "train", T, 2, 2)  # B 2 x A 2: 4 shards, 2 per worker
+    expect = [e[k:k + 2] for e in _global_rows(tok, docs[10:], 4, 4, 6) for k in (0, 2)]
     it = iter(ld)
-    got = [next(it)[0] for _ in range(7)]
+    got = [next(it)[0] for _ in range(7)]  # 3.5 steps: the state is at the step boundary + 1 micro-batch
     state = ld.state_dict()
-    got += [next(it)[0] for _ in range(3)]
-    assert all(torch.equal(a, b) for a, b in zip(got, expect))
-    again = build_dataloader(cfg, tok, "train", T, 2)
+    assert state["steps"] == 3 and state["micro_in_step"] == 1
+    # unshuffled: each position carries the dataset's own state_dict() (at a read-batch boundary)
+    assert all("ds_state" in p and p["ds_records"] <= p["records"] for p in state["positions"])
+    got += [next(it)[0] for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expect)) and len(got) == 12
+    again = build_dataloader(DataConfig(**{**cfg.__dict__, "num_workers": 0}), tok, "train", T, 2, 2)
     again.load_state_dict(state)
     it2 = iter(again)
     assert all(torch.equal(next(it2)[0], e) for e in expect[7:])
-    other = build_dataloader(DataConfig(**{**cfg.__dict__, "num_workers": 0}), tok, "train", T, 2)
-    with pytest.raises(DataError, match="num_workers"):
-        other.load_state_dict(state)
 
 
 def test_hf_shuffle_is_seeded(hf_files, tok):
@@ -182,8 +199,8 @@ def test_hf_saved_dataset_dir(tmp_path, tok):
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[8:]}),
                           "validation": datasets.Dataset.from_dict({"text": docs[:8]})}).save_to_disk(tmp_path / "ds")
     cfg = DataConfig(source="hf", path=str(tmp_path / "ds"), val_split="validation", shuffle=False)
-    got = [x for _, (x, _) in zip(range(3), build_dataloader(cfg, tok, "train", T, 2))]
-    assert all(torch.equal(a, b) for a, b in zip(got, _packed(tok, docs[8:], 2)[:3])) and len(got) == 3
+    got = [x for _, (x, _) in zip(range(3), build_dataloader(cfg, tok, "train", T, 1))]  # one shard
+    assert all(torch.equal(a, b) for a, b in zip(got, _packed(tok, docs[8:], 1)[:3])) and len(got) == 3
     assert torch.equal(next(iter(build_dataloader(cfg, tok, "val", T, 2)))[0], _packed(tok, docs[:8], 2)[0])
     with pytest.raises(DataError, match=r"no split 'test' \(splits: \['train', 'validation'\]\)"):
         build_dataloader(DataConfig(**{**cfg.__dict__, "val_split": "test"}), tok, "val", T, 2)
@@ -212,8 +229,7 @@ def test_hf_resume_shuffled_across_epochs(hf_files, tok):
     it2 = iter(ld2)
     head = [next(it2)[0] for _ in range(80)]
     state = ld2.state_dict()
-    pos = state["shares"][0]
-    assert pos["epoch"] == 1 and pos["offset"] > 0 and pos["buf"] == []  # mid-document, second epoch
+    assert any(p["epoch"] == 1 for p in state["positions"]) and all(p["offset"] >= 0 for p in state["positions"])
     again = build_dataloader(cfg, tok, "train", T, 2, seed=7)
     again.load_state_dict(json.loads(json.dumps(state)))  # the state is plain JSON-able data
     it3 = iter(again)
@@ -222,34 +238,10 @@ def test_hf_resume_shuffled_across_epochs(hf_files, tok):
     assert not torch.equal(torch.cat(straight[:5]), torch.cat(straight[70:75]))  # epochs differ in order
 
 
-def test_hf_resume_from_version2_state(hf_files, tok):
-    """A version-2 position (records consumed + the tokens not yet packed) still resumes exactly,
-    also when its unpacked tokens span several micro-batches and the position is saved again inside them."""
-    d, docs = hf_files
-    docs = docs[10:]
+def test_hf_state_of_an_older_version_is_refused(hf_files, tok):
+    d, _ = hf_files
     cfg = DataConfig(source="hf", path=str(d / "train.jsonl"), val_docs=10, shuffle=False)
-    it = iter(build_dataloader(cfg, tok, "train", T, 2))
-    straight = [next(it)[0] for _ in range(40)]
-    ld = build_dataloader(cfg, tok, "train", T, 2)
-    it = iter(ld)
-    head = [next(it)[0] for _ in range(25)]
-    state = ld.state_dict()
-    pos = state["shares"][0]
-    assert state["version"] == 3 and pos["offset"] > 0
-    # the same point as version 2 saved it, with 6 more records read and left unpacked
-    r = pos["records"]
-    rest = [t for k in range(r, r + 7) for t in tok.encode(docs[k]) + [tok.eot_token]][pos["offset"]:]
-    assert len(rest) > 2 * 2 * T  # spans more than two micro-batches
-    old = dict(state, version=2, shares=[{"share": 0, "epoch": pos["epoch"], "records": r + 7, "buf": rest}])
-    again = build_dataloader(cfg, tok, "train", T, 2)
-    again.load_state_dict(old)
-    it = iter(again)
-    mid = [next(it)[0]]  # still inside the version-2 tokens: the new state carries their rest
-    inside = again.state_dict()
-    assert inside["shares"][0]["records"] == r + 7 and len(inside["shares"][0]["buf"]) == len(rest) - 2 * T
-    tail = [next(it)[0] for _ in range(14)]
-    assert all(torch.equal(a, b) for a, b in zip(head + mid + tail, straight))
-    last = build_dataloader(cfg, tok, "train", T, 2)
-    last.load_state_dict(json.loads(json.dumps(inside)))
-    it = iter(last)
-    assert all(torch.equal(next(it)[0], e) for e in straight[26:])
+    old = {"version": 3, "kind": "hf", "split": "train", "micro_yielded": 4, "shares": [None]}
+    with pytest.raises(DataError, match=r"hf-stream state version 3 was saved by an older lmforge") as e:
+        build_dataloader(cfg, tok, "train", T, 2).load_state_dict(old)
+    assert "\n" not in str(e.value)

@@ -36,6 +36,8 @@ class DataConfig:
         shuffle: indexed sources: shuffle training windows each epoch (deterministic from the seed).
         cache_dir: where on-the-fly tokenized corpora are cached; None = $LMFORGE_CACHE or
             ~/.cache/lmforge.
+        stream_shards: hf only: stream shards V that pack documents independently (0 = auto: the largest
+            divisor of the global batch up to 32); fixed by the checkpoint on resume (train/data/hf.py).
         mixture: a weighted mixture of sources instead of the single source above (train/data/mixture.py):
             a list of entries, each with the keys of a single-source config (source, path, name, subset,
             split, val_split, val_docs, text_field, val_fraction, shuffle, cache_dir) plus `weight` (>= 0,
@@ -61,6 +63,7 @@ class DataConfig:
     val_fraction: float = 0.05
     shuffle: bool = True
     cache_dir: str | None = None
+    stream_shards: int = 0
     mixture: list[Any] | None = None
     reweight_at_resume: bool = False
     document_mask: bool = False

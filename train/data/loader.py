@@ -180,7 +180,8 @@ def build_dataloader(cfg: DataConfig, tok: Tokenizer, split: str, seq_len: int, 
     Yields (x, y) LongTensors [micro_batch_size, seq_len], micro-batches in step-major order (grad_accum
     of them per optimizer step); `state_dict()` / `load_state_dict()` give the exact position. Local
     corpora (shakespeare, text) are tokenized on first use into a cache identical to `train.prepare`
-    output; `hf` streams (see `train.data.hf.HFStreamLoader` for its rank-dependent order).
+    output; `hf` streams (see `train.data.hf.HFStreamLoader`: its order depends on the global batch and
+    `data.stream_shards`, not on the layout).
     """
     _check_args(cfg, split, seq_len, micro_batch_size, grad_accum, dp_rank, dp_size)
     if cfg.mixture is not None:
