@@ -157,7 +157,7 @@ def test_prepare_shards_equal_on_the_fly(cfg, corpus, tok, tmp_path):
         a = list(zip(range(n), build_dataloader(cfg, tok, split, T, 2, 2, 1, 2, seed=4)))
         b = list(zip(range(n), build_dataloader(shard_cfg, tok, split, T, 2, 2, 1, 2, seed=4)))
         assert len(a) == len(b) == n if split == "train" else len(a) == len(b) > 0
-        for (_, (xa, ya)), (_, (xb, yb)) in zip(a, b):
+        for (_, (xa, ya)), (_, (xb, yb)) in zip(a, b, strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
@@ -171,8 +171,8 @@ def test_shakespeare_prepare_equals_on_the_fly(tmp_path, tok):
         la = build_dataloader(fly, tok, split, 64, 4, 2, 0, 2, seed=0)
         lb = build_dataloader(shards, tok, split, 64, 4, 2, 0, 2, seed=0)
         assert la.n_samples == lb.n_samples > (1000 if split == "train" else 50)
-        for _, (xa, _), (xb, _) in zip(range(6), la, lb):
-            assert torch.equal(xa, xb)
+        pairs = [(xa, xb) for _, (xa, _), (xb, _) in zip(range(6), la, lb)]
+        assert len(pairs) == 6 and all(torch.equal(xa, xb) for xa, xb in pairs)
     # a fixed held-out split: the tail of every play, and ~5% of the tokens
     h = json.loads((out / "index.json").read_text())["splits"]
     assert h["train"]["n_docs"] == h["val"]["n_docs"] == 38

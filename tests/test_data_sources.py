@@ -119,7 +119,8 @@ def test_hf_stream_from_local_files(hf_files, tok, fname):
     expect = _global_rows(tok, docs[10:], 4, 4, 5)
     for r in range(2):
         ld = build_dataloader(cfg, tok, "train", T, 2, 1, r, 2)
-        assert all(torch.equal(x, e[2 * r:2 * r + 2]) for (x, _), e in zip(ld, expect))
+        got = [x for _, (x, _) in zip(range(len(expect)), ld)]
+        assert len(got) == len(expect) and all(torch.equal(x, e[2 * r:2 * r + 2]) for x, e in zip(got, expect))
 
 
 def test_hf_workers_and_resume(hf_files, tok, monkeypatch):
@@ -149,8 +150,9 @@ def test_hf_shuffle_is_seeded(hf_files, tok):
     d, _ = hf_files
     cfg = DataConfig(source="hf", path=str(d / "train.jsonl"), val_docs=10, shuffle=True)
     first = [[x for _, (x, _) in zip(range(3), build_dataloader(cfg, tok, "train", T, 2, seed=s))] for s in (1, 1, 2)]
-    assert all(torch.equal(a, b) for a, b in zip(first[0], first[1]))
-    assert not all(torch.equal(a, b) for a, b in zip(first[0], first[2]))
+    assert [len(f) for f in first] == [3, 3, 3]
+    assert all(torch.equal(a, b) for a, b in zip(first[0], first[1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first[0], first[2], strict=True))
 
 
 def test_prepare_resumes_after_interruption(tmp_path, tok):
@@ -234,7 +236,7 @@ def test_hf_resume_shuffled_across_epochs(hf_files, tok):
     again.load_state_dict(json.loads(json.dumps(state)))  # the state is plain JSON-able data
     it3 = iter(again)
     tail = [next(it3)[0] for _ in range(10)]
-    assert all(torch.equal(a, b) for a, b in zip(head + tail, straight))
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, straight, strict=True))
     assert not torch.equal(torch.cat(straight[:5]), torch.cat(straight[70:75]))  # epochs differ in order
 
 

@@ -75,15 +75,15 @@ def test_resume_damaged_checkpoint(tmp_path, capsys, good_run, damage):
     else:  # DCP's failure as one line naming the checkpoint and a non-empty reason (long ones cut with "...")
         assert re.fullmatch(rf"error: checkpoint {re.escape(str(ckpt))} does not fit this model/optimizer "
                             r"\(\S.*(\)|\.\.\.)", line), line
-        if damage == "truncated":
-            assert "failed reading zip archive" in line, line
+        if damage == "truncated":  # the reason says the file is cut short (torch's words vary by version)
+            assert re.search(r"zip archive|EOF|truncated|unexpected end", line, re.IGNORECASE), line
 
 
 def test_resume_into_a_different_model_shape(tmp_path, capsys, good_run):
     line = _resume_error(tmp_path, capsys, str(good_run), "model.n_embd=64")
-    # names a tensor and both shapes
-    assert "tok_emb.weight" in line or "weight" in line, line
-    assert "[50257, 32]" in line and "[50257, 64]" in line, line
+    # names the tensor in full and both shapes (in whatever words torch puts around them)
+    assert re.search(r"(?<![\w.])(model\.)?tok_emb\.weight(?![\w.])", line), line
+    assert re.search(r"\[50257, 32\].*\[50257, 64\]", line), line
 
 
 def test_resume_none_refuses_to_overwrite_existing_checkpoints(tmp_path, capsys, good_run):
