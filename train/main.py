@@ -167,8 +167,8 @@ def _run(cfg: DictConfig, run_dir: Path, rank: int, created: bool) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_STORAGE
     except KeyboardInterrupt:  # Ctrl-C before the loop's handler is installed, or a second one inside it
-        print(f"error: interrupted (SIGINT) during {phase}; nothing saved since the latest checkpoint "
-              f"({_latest_name(run_dir)})", file=sys.stderr)
+        what = "interrupted twice (Ctrl-C): stopped at once" if phase == "train" else f"interrupted during {phase}"
+        print(f"error: {what}, nothing saved since the latest checkpoint: {_latest_name(run_dir)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - sorted into the documented exit codes below
         if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:

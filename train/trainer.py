@@ -220,6 +220,8 @@ class Trainer:
         while self.step < t.max_steps:
             if t.fault_stall_rank == dist.rank and self.step + 1 == 2:  # fault injection: a hung peer
                 time.sleep(3 * self.cfg.strategy.timeout_s + 5)
+            if t.fault_slow_rank == dist.rank:  # fault injection: a slow rank (every step takes fault_slow_s longer)
+                time.sleep(t.fault_slow_s)
             step_loss = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
                 # the loader may draw from torch's global RNG (DataLoader base seed); keep that off the
