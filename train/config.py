@@ -166,6 +166,8 @@ class TrainConfig:
     fault_stall_rank: int | None = None  # this rank stalls at step 2 for 3 x strategy.timeout_s (+5 s)
     fault_error_step: int | None = None  # an unexpected ValueError after this step (an internal error: exit 1)
     fault_enospc_steps: list[int] = field(default_factory=list)  # saving at these steps hits "no space left"
+    fault_slow_rank: int | None = None  # this rank sleeps train.fault_slow_s in every step (a straggler)
+    fault_slow_s: float = 0.0
     trace_samples: bool = False  # each rank writes trace/rank<r>.jsonl with hashes of its samples
 
 
