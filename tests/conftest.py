@@ -40,7 +40,7 @@ def in_ci() -> bool:
 # marked `slow`, so `make test-fast` (-m "not slow") is the single-process edit loop
 MULTI_RANK_MODULES = {"test_export", "test_faults", "test_fsdp", "test_model_init_sharded", "test_multinode",
                       "test_multinode_tp", "test_sharded", "test_slurm", "test_tp", "test_train_signals",
-                      "test_data_mixture_ranks", "test_hf_stream",
+                      "test_data_mixture_ranks", "test_hf_stream", "test_document_mask_tp",
                       "test_zero", "test_zero_falcon"}
 
 
@@ -86,27 +86,26 @@ def _require_netns(item: pytest.Item) -> None:
                     "the 2-node Slurm tests would fall back to loopback", pytrace=False)
 
 
+def _skips_fail_in_ci(item: pytest.Item):
+    """The body of a hook wrapper: a skip raised inside it fails the test under CI=true (``_ci_failure``)."""
+    try:
+        return (yield)
+    except pytest.skip.Exception as e:
+        failure = _ci_failure(item, e)
+        if failure is None:
+            raise
+    pytest.fail(failure, pytrace=False)
+
+
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item):
+def pytest_runtest_setup(item):  # skipif / skip markers, fixtures that skip (Slurm, C++ compiler)
     _require_netns(item)
-    try:
-        return (yield)
-    except pytest.skip.Exception as e:  # skipif / skip markers, fixtures that skip (Slurm, C++ compiler)
-        failure = _ci_failure(item, e)
-        if failure is None:
-            raise
-    pytest.fail(failure, pytrace=False)
+    return (yield from _skips_fail_in_ci(item))
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    try:
-        return (yield)
-    except pytest.skip.Exception as e:  # pytest.skip() in a test body
-        failure = _ci_failure(item, e)
-        if failure is None:
-            raise
-    pytest.fail(failure, pytrace=False)
+def pytest_runtest_call(item):  # pytest.skip() in a test body
+    return (yield from _skips_fail_in_ci(item))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import JOB_CFG, REPO, assert_losses_close, free_port, losses_by_step, read_metrics  # noqa: F401
+from helpers import JOB_CFG, REPO, assert_losses_close, free_port, losses_by_step, read_metrics
 
 INSTALL_SCRIPT = REPO / "launch" / "slurm" / "install-slurm.sh"
 SBIN_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
@@ -428,23 +428,22 @@ def assert_same_losses(got: dict[int, float], want: dict[int, float], tol: float
     assert_losses_close(got, want, sorted(want), tol)
 
 
-@pytest.fixture(scope="session")
-def zero3_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    """Losses of ``launch/deepspeed.sh`` (ZeRO-3, 2 CPU ranks, one node) on JOB_CFG."""
-    run_dir = tmp_path_factory.mktemp("ref") / "zero3"
-    proc = run_launch_script("deepspeed.sh", run_dir, *JOB_CFG, "strategy=zero3", nproc=2)
-    assert proc.returncode == 0, f"launch/deepspeed.sh failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+def reference_losses(run_dir: Path, script: str, *overrides: str, nproc: int = 2) -> dict[int, float]:
+    """Losses of ``launch/<script>`` on one node (no Slurm) on JOB_CFG + overrides, uninterrupted: steps 1..8."""
+    proc = run_launch_script(script, run_dir, *JOB_CFG, *overrides, nproc=nproc)
+    assert proc.returncode == 0, f"launch/{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     got = losses_by_step(run_dir)
     assert sorted(got) == list(range(1, 9)), got
     return got
+
+
+@pytest.fixture(scope="session")
+def zero3_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Losses of ``launch/deepspeed.sh`` (ZeRO-3, 2 CPU ranks, one node) on JOB_CFG."""
+    return reference_losses(tmp_path_factory.mktemp("ref") / "zero3", "deepspeed.sh", "strategy=zero3")
 
 
 @pytest.fixture(scope="session")
 def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     """Losses of ``launch/torchrun.sh`` (DDP, 2 CPU ranks, one node) on JOB_CFG, uninterrupted."""
-    run_dir = tmp_path_factory.mktemp("ref") / "ddp"
-    proc = run_launch_script("torchrun.sh", run_dir, *JOB_CFG, "strategy=ddp", nproc=2)
-    assert proc.returncode == 0, f"launch/torchrun.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    got = losses_by_step(run_dir)
-    assert sorted(got) == list(range(1, 9)), got
-    return got
+    return reference_losses(tmp_path_factory.mktemp("ref") / "ddp", "torchrun.sh", "strategy=ddp")

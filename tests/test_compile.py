@@ -1,7 +1,7 @@
 """train.compile=true on CPU: TorchInductor compiles each block to C++ kernels, and training gives the eager
 losses; a machine without a C++ compiler gets a one-line error before any work.
 
-Oracle: the eager one-process run of test_sharded (char corpus, 2-layer 64-wide GPT-2, global batch 4 x 32
+Oracle: the eager one-process run of helpers.single_run (char corpus, 2-layer 64-wide GPT-2, global batch 4 x 32
 tokens, 20 AdamW steps at lr 3e-3, val loss at steps 10 and 20), shared with test_fsdp / test_zero when they
 run in the same session. Both compiled runs here are in-process and use the oracle's shapes, so the second
 finds the first one's kernels in Inductor's cache whenever its graph is the same.

@@ -9,17 +9,23 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, ckpt, dcp_state, single_run
+from helpers import REPO, ckpt, dcp_state, safetensors_header, single_run
 from test_fsdp import fsdp_run
 
 transformers = pytest.importorskip("transformers")
 
 
-def zero3_run(f):
-    """The ZeRO-3 run of test_zero.py, imported here so that only the zero3 cases need deepspeed."""
-    from test_zero import zero3_run as run
+def zero_run(stage: int):
+    """The ZeRO runs of test_zero.py, imported when called so that only the zero cases need deepspeed."""
+    def run(f):
+        import test_zero
 
-    return run(f)
+        return getattr(test_zero, f"zero{stage}_run")(f)
+
+    return run
+
+
+SOURCES = {"single": single_run, "fsdp": fsdp_run, "zero1": zero_run(1), "zero2": zero_run(2), "zero3": zero_run(3)}
 
 
 def _our_logits(state: dict, model_config: dict, x: torch.Tensor) -> torch.Tensor:
@@ -33,11 +39,13 @@ def _our_logits(state: dict, model_config: dict, x: torch.Tensor) -> torch.Tenso
     return model.eval()(x)
 
 
-@pytest.mark.parametrize("source", ["single", "fsdp", "zero3"])
+@pytest.mark.parametrize("source", list(SOURCES))
 def test_export_loads_in_transformers_with_same_logits(tmp_path_factory, tmp_path, source):
+    """Every strategy's checkpoint (DCP from single and fsdp, DeepSpeed stages 1, 2, 3; ddp's in test_resume)
+    exports to a dir transformers loads, with our logits and the model trained to step 20."""
     from train.export import export, load_full_state_dict
 
-    run = {"single": single_run, "fsdp": fsdp_run, "zero3": zero3_run}[source](tmp_path_factory)
+    run = SOURCES[source](tmp_path_factory)
     src = ckpt(run, 20)
     out = export(src, tmp_path / "hf")
     x = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -57,7 +65,7 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path_factory, tmp_pat
     # so 1e-3 still tells a checkpoint one save apart.
     assert (hf_logits - oracle).abs().max().item() < 1e-3
     assert (earlier - oracle).abs().max().item() > 1.0
-    assert meta["format"] == {"single": "dcp", "fsdp": "dcp", "zero3": "deepspeed"}[source]
+    assert meta["format"] == ("deepspeed" if source.startswith("zero") else "dcp")
     # the run's tokenizer travels with it; config.json points at its end-of-text id
     assert (out / "tokenizer.json").is_file()
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == 0
@@ -83,7 +91,20 @@ def test_export_cli_errors(tmp_path_factory, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: checkpoint {tmp_path}: neither a checkpoint dir") and err.count("\n") == 1, err
     assert not (tmp_path / "new").exists()
-    p = subprocess.run([sys.executable, "-m", "train.export", str(single_run(tmp_path_factory)), str(tmp_path / "ok")],
-                       cwd=REPO, capture_output=True, text=True, check=False)
+    p = subprocess.run([sys.executable, "-m", "train.export", str(single_run(tmp_path_factory)), str(tmp_path / "ok"),
+                        "--dtype", "bfloat16"], cwd=REPO, capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert (tmp_path / "ok" / "model.safetensors").is_file() and "step 20" in p.stdout
+    assert "step 20" in p.stdout
+    # --dtype bfloat16: every tensor is BF16 in the safetensors header, and holds the fp32 weights rounded to bf16
+    from train.export import load_full_state_dict
+
+    header = safetensors_header(tmp_path / "ok" / "model.safetensors")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert tensors and {v["dtype"] for v in tensors.values()} == {"BF16"}, {k: v["dtype"] for k, v in tensors.items()}
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "ok" / "model.safetensors")
+    state, _ = load_full_state_dict(src)
+    hf_wte = exported["transformer.wte.weight"]
+    assert hf_wte.dtype == torch.bfloat16 and torch.equal(hf_wte, state["tok_emb.weight"].to(torch.bfloat16))
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["torch_dtype"] == "bfloat16"

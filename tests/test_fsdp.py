@@ -4,6 +4,7 @@ meta-device init, sharded state size, offload, HSDP, bad input."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,19 +12,20 @@ import torch
 from helpers import (
     assert_losses_close,
     build_engine_of,
+    char_run,
     ckpt,
     corpus_overrides,
     init_gloo,
     leave_gloo,
     losses_by_step,
     make_cfg,
+    read_metrics,
     session_run,
     single_losses,
     single_run,
     spawn,
     tiny_cfg,
     tiny_gpt_config,
-    char_run,
 )
 
 # 2 ranks x micro-batch 2 = the single run's global batch of 4
@@ -41,6 +43,18 @@ def test_fsdp_matches_single_process(tmp_path_factory):
     assert_losses_close(losses_by_step(run, "val_loss"), losses_by_step(single_run(tmp_path_factory), "val_loss"), [10, 20], 1e-5)
     meta = json.loads((ckpt(run, 20) / "meta.json").read_text())
     assert (meta["format"], meta["strategy"], meta["world_size"]) == ("dcp", "fsdp", 2)
+
+
+def test_only_rank_0_writes_metrics_and_console_lines(tmp_path_factory):
+    """The 2-rank fsdp run: metrics.jsonl holds each train step and each eval exactly once, and the console
+    (both ranks' stdout, as torchrun passes it on) shows each step line and each val line exactly once."""
+    run = fsdp_run(tmp_path_factory)
+    events = read_metrics(run)
+    assert [e["step"] for e in events if "loss" in e] == list(range(1, 21))
+    assert [e["step"] for e in events if "val_loss" in e] == [0, 10, 20]
+    console = (run / "stdout.txt").read_text()
+    assert [int(s) for s in re.findall(r"^step +(\d+) \| loss ", console, re.MULTILINE)] == list(range(1, 21))
+    assert [int(s) for s in re.findall(r"^step +(\d+) \| val loss ", console, re.MULTILINE)] == [0, 10, 20]
 
 
 def test_fsdp_composes_accum_ac_offload(tmp_path_factory):
@@ -79,7 +93,15 @@ def test_fsdp_resume_2_to_1_to_2(tmp_path_factory):
 # ---------------------------------------------------------------- in-process, 2 spawned ranks
 
 
-def _build_worker(rank: int, world_size: int, port: int, out_dir: str, replicate: int) -> None:
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _build_worker(rank: int, world_size: int, port: int, out_dir: str, replicate: int, hf_dir: str | None) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
@@ -132,16 +154,30 @@ def _build_worker(rank: int, world_size: int, port: int, out_dir: str, replicate
                                    for n, p in engine.raw.named_parameters())
     result["bytes"] = engine.state_bytes()
     result["single_bytes"] = single.state_bytes()
+
+    if hf_dir is not None:  # model.init_from under fsdp: each rank ends up holding only its shards of the HF weights
+        init_cfg = tiny_cfg(strategy__name="fsdp", model__init_from=hf_dir, **common)
+        hf_engine = build_engine_of(init_cfg, DistInfo(rank=rank, local_rank=rank, world_size=world_size))
+        hf_single = build_engine_of(tiny_cfg(strategy__name="single", model__init_from=hf_dir, **common), DistInfo())
+        hf_ref = dict(hf_single.raw.named_parameters())
+        params = dict(hf_engine.raw.named_parameters())
+        result["init_from"] = {
+            "equal": params.keys() == hf_ref.keys() and all(torch.equal(_full(p), hf_ref[n]) for n, p in params.items()),
+            "not_seed_init": not torch.equal(hf_ref["tok_emb.weight"], ref["tok_emb.weight"]),
+            "local_bytes": sum(_local(p).numel() * p.element_size() for p in params.values()),
+            "bytes": hf_engine.state_bytes()["params"], "single_bytes": hf_single.state_bytes()["params"]}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     leave_gloo()
 
 
 @pytest.mark.parametrize("world,replicate", [(2, 1), (4, 2)], ids=["fsdp2", "hsdp2x2"])
-def test_fsdp_meta_init_state_bytes_and_two_steps(tmp_path, world, replicate):
+def test_fsdp_meta_init_state_bytes_and_two_steps(tmp_path_factory, tmp_path, world, replicate):
     """FSDP2 on 2 ranks, and real HSDP on 4 (2 replicas x shard groups of 2): sharded on meta, the
     single-process init, each rank holds half the elements (placements Shard, or Replicate + Shard) and half
-    the parameter and AdamW bytes, and two steps give the single-process losses and grad norms within 1e-5."""
-    spawn(_build_worker, world, str(tmp_path), replicate)
+    the parameter and AdamW bytes, and two steps give the single-process losses and grad norms within 1e-5.
+    FSDP2 with model.init_from: the Hugging Face weights, half of their bytes on each rank."""
+    hf_dir = _hf_char_model(tmp_path_factory, tmp_path / "hf") if replicate == 1 else None
+    spawn(_build_worker, world, str(tmp_path), replicate, None if hf_dir is None else str(hf_dir))
     placements = ["Shard"] if replicate == 1 else ["Replicate", "Shard"]
     for rank in range(world):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -159,6 +195,25 @@ def test_fsdp_meta_init_state_bytes_and_two_steps(tmp_path, world, replicate):
         assert abs(r["local_numel"] / r["global_numel"] - 0.5) < 0.05, (r["local_numel"], r["global_numel"])
         for key in ("params", "optimizer"):
             assert abs(b[key] / s[key] - 0.5) < 0.05, (key, b[key], s[key])
+        if hf_dir is not None:  # model.init_from: the HF weights, and each rank holds half of their bytes
+            h = r["init_from"]
+            assert h["equal"] and h["not_seed_init"], h
+            assert h["local_bytes"] == h["bytes"] and abs(h["bytes"] / h["single_bytes"] - 0.5) < 0.05, h
+
+
+def _hf_char_model(tmp_path_factory, path: Path) -> Path:
+    """A transformers GPT-2 of the CHAR shape, with the character tokenizer (model.init_from's source)."""
+    import shutil
+
+    import transformers
+
+    corpus_overrides(tmp_path_factory)  # writes the character tokenizer once per session
+    torch.manual_seed(3)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=96)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path_factory.getbasetemp() / "sharded_data" / "chartok" / name, path / name)
+    return path
 
 
 # ---------------------------------------------------------------- bad input

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CountCollectives, build_engine_of, init_gloo, leave_gloo, make_cfg, spawn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import model.loss as model_loss
-from helpers import CountCollectives, build_engine_of, init_gloo, leave_gloo, make_cfg, spawn
 from train.distributed import DistInfo
 
 FAMILIES = ["gpt2-tiny", "llama-tiny", "gemma-tiny"]  # gemma-tiny: 256K vocabulary, tied, scaled embedding

@@ -21,7 +21,7 @@ from slurm_cluster import (
     latest_checkpoint,
     launch_env,
     losses_by_step,
-    run_launch_script,
+    reference_losses,
     slurm_cluster_2n,
     train_steps,
     zero3_reference,
@@ -37,10 +37,7 @@ HAS_ZERO3 = (REPO / "train" / "parallel" / "deepspeed.py").is_file()
 @pytest.fixture(scope="module")
 def hsdp_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     """HSDP with 2 ranks on one node through launch/torchrun.sh."""
-    run_dir = tmp_path_factory.mktemp("ref") / "hsdp"
-    proc = run_launch_script("torchrun.sh", run_dir, *JOB_CFG, *HSDP, nproc=2)
-    assert proc.returncode == 0, f"launch/torchrun.sh failed:\n{proc.stderr[-4000:]}"
-    return losses_by_step(run_dir)
+    return reference_losses(tmp_path_factory.mktemp("ref") / "hsdp", "torchrun.sh", *HSDP)
 
 
 def _output(job: int, cwd: Path) -> str:

@@ -14,7 +14,7 @@ from slurm_cluster import (
     latest_checkpoint,
     launch_env,
     losses_by_step,
-    run_launch_script,
+    reference_losses,
     slurm_cluster_2n,
 )
 
@@ -28,11 +28,7 @@ def test_tp_within_nodes_fsdp_across_matches_one_node(slurm_cluster_2n, tmp_path
     """sbatch -N 2 launch/slurm/torchrun.sbatch parallel.tp=2 parallel.dp_shard=2 with 2 ranks per node:
     ranks 0,1 (node1) and 2,3 (node2) are the TP groups (tp is the mesh's innermost dim), the FSDP2 shard
     groups {0,2} and {1,3} cross the nodes; the losses equal launch/torchrun.sh's 4 ranks on one node."""
-    ref_dir = tmp_path / "one_node"
-    proc = run_launch_script("torchrun.sh", ref_dir, *JOB_CFG, *TP_FSDP, nproc=4)
-    assert proc.returncode == 0, f"launch/torchrun.sh failed:\n{proc.stderr[-4000:]}"
-    reference = losses_by_step(ref_dir)
-    assert sorted(reference) == list(range(1, 9)), reference
+    reference = reference_losses(tmp_path / "one_node", "torchrun.sh", *TP_FSDP, nproc=4)
 
     cluster = slurm_cluster_2n
     job = cluster.sbatch(LAUNCH / "slurm" / "torchrun.sbatch", *JOB_CFG, *TP_FSDP, sbatch_args=("-N", "2"),

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import TINY, one_line_error, run_train
-from helpers import init_gloo, make_cfg, spawn
+from helpers import TINY, init_gloo, make_cfg, one_line_error, run_train, spawn
 
 from train.parallel.dims import DIM_NAMES, ParallelDims
 

@@ -91,17 +91,13 @@ def test_offload_moves_states_to_cpu(gpt2_shape):
 # ---- activation formula vs autograd ----------------------------------------------------------
 
 
-def _saved_block_bytes(name: str, autocast: bool, B: int, T: int) -> tuple[float, float]:
-    """(bytes autograd saves for one block, predicted), weight casts and parameters excluded."""
-    cfg = GPTConfig.from_name(name)
-    torch.manual_seed(0)
-    block = Block(cfg)  # one block only: no vocabulary-sized embedding to build
-    for p in block.parameters():
-        torch.nn.init.normal_(p, std=0.02)
+def _saved_activations(block, cfg: GPTConfig, T: int):
+    """(cos, sin, seen, pack): the RoPE tables for T tokens (None without RoPE) and a saved-tensor pack hook that
+    records in ``seen`` {storage: bytes} every tensor autograd saves that is not a parameter, a RoPE table or
+    autocast's bf16 weight copy (accounted separately: autocast_weight_copies)."""
     weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
     param_shapes = {tuple(p.shape) for p in block.parameters() if p.dim() == 2}
     param_shapes |= {s[::-1] for s in param_shapes}  # linear saves the cast weight transposed
-    x = torch.randn(B, T, cfg.n_embd, requires_grad=True)
     cos = sin = None
     if cfg.pos == "rope":
         cos, sin = (t[:T] for t in rope_tables(cfg))
@@ -110,11 +106,23 @@ def _saved_block_bytes(name: str, autocast: bool, B: int, T: int) -> tuple[float
 
     def pack(t):
         st = t.untyped_storage()
-        # autocast's bf16 weight copies are accounted separately (autocast_weight_copies)
         is_weight_cast = t.dtype == torch.bfloat16 and tuple(t.shape) in param_shapes
         if st.data_ptr() not in weights and not is_weight_cast:
             seen.setdefault(st.data_ptr(), st.nbytes())
         return t
+
+    return cos, sin, seen, pack
+
+
+def _saved_block_bytes(name: str, autocast: bool, B: int, T: int) -> tuple[float, float]:
+    """(bytes autograd saves for one block, predicted), weight casts and parameters excluded."""
+    cfg = GPTConfig.from_name(name)
+    torch.manual_seed(0)
+    block = Block(cfg)  # one block only: no vocabulary-sized embedding to build
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(B, T, cfg.n_embd, requires_grad=True)
+    cos, sin, seen, pack = _saved_activations(block, cfg, T)
 
     with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
           torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
@@ -358,22 +366,8 @@ def _saved_block_bytes_tp(name: str, autocast: bool, B: int, T: int, tp: int, **
     if not kv_split:  # ReplicatedKVParallel: a view of rank 0's K/V head
         for proj in (block.attn.k_proj, block.attn.v_proj):
             proj.register_forward_hook(lambda mod, inp, out: out[..., : cfg.head_dim])
-    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    param_shapes = {tuple(p.shape) for p in block.parameters() if p.dim() == 2}
-    param_shapes |= {s[::-1] for s in param_shapes}
     x = torch.randn(B, T // tp, cfg.n_embd, requires_grad=True)  # this rank's sequence shard
-    cos = sin = None
-    if cfg.pos == "rope":
-        cos, sin = (t[:T] for t in rope_tables(cfg))
-        weights |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        is_weight_cast = t.dtype == torch.bfloat16 and tuple(t.shape) in param_shapes
-        if st.data_ptr() not in weights and not is_weight_cast:
-            seen.setdefault(st.data_ptr(), st.nbytes())
-        return t
+    cos, sin, seen, pack = _saved_activations(block, cfg, T)
 
     def gather(t):  # all-gather over the sequence: a new [B, T, C] tensor
         return torch.cat([t] * tp, dim=1)

@@ -105,3 +105,31 @@ def test_ddp_matches_single_process_and_ranks_are_disjoint(tmp_path, ddp_straigh
     for step in range(1, 21):
         both = sorted(h for s, h in r0 + r1 if s == step)
         assert both == sorted(h for s, h in one if s == step), f"step {step}: global batch differs"
+
+
+@pytest.mark.slow
+def test_export_of_a_ddp_checkpoint(tmp_path, ddp_straight):
+    """python -m train.export on DDP's step-20 checkpoint (the run above, 2 ranks): the safetensors hold the
+    checkpoint's tensors exactly, and transformers' logits equal ours within 1e-5."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from model import GPT, GPTConfig
+    from train.export import export, load_full_state_dict
+
+    src = ddp_straight / "checkpoints" / "step_0000020"
+    state, meta = load_full_state_dict(src)
+    assert (meta["format"], meta["strategy"], meta["world_size"], meta["step"]) == ("dcp", "ddp", 2, 20)
+    out = export(src, tmp_path / "hf")
+    exported = load_file(out / "model.safetensors")
+    assert torch.equal(exported["transformer.wte.weight"], state["tok_emb.weight"])
+    assert torch.equal(exported["transformer.h.1.mlp.c_proj.weight"], state["blocks.1.mlp.down_proj.weight"].T)
+    ours = GPT(GPTConfig.from_dict(meta["model_config"]))
+    ours.load_state_dict(state)
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        assert (hf(x).logits - ours.eval()(x)).abs().max().item() < 1e-5
+    # the trained weights, not the init: step 20 is the DDP run's own, 15 a save earlier differs
+    earlier, _ = load_full_state_dict(ddp_straight / "checkpoints" / "step_0000015")
+    assert not torch.equal(earlier["tok_emb.weight"], state["tok_emb.weight"])

@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import (
     assert_losses_close,
+    char_run,
     ckpt,
     corpus_overrides,
     init_gloo,
@@ -25,7 +26,6 @@ from helpers import (
     single_losses,
     single_run,
     spawn,
-    char_run,
 )
 
 pytestmark = pytest.mark.slow
@@ -219,7 +219,7 @@ def test_dropout_streams_differ_across_replicas_and_agree_within_tp(tmp_path):
 
 # ---------------------------------------------------------------- through the trainer (torchrun -m train)
 
-# tests/test_sharded.py's TINY model (n_head=4, char tokenizer): the oracle is its 20-step single run
+# helpers.CHAR (n_head=4, char tokenizer): the oracle is its 20-step single run (helpers.single_run)
 # (global batch 4, checkpoints at 10 and 20)
 # TP runs take 10 steps (the 4-rank runs are the suite's slowest) on the 20-step schedule: the first half of
 # the one-process run, step for step (optim.decay_steps=20 keeps the learning rates of a 20-step run)

@@ -11,6 +11,7 @@ import torch
 from helpers import (
     assert_losses_close,
     build_engine_of,
+    char_run,
     ckpt,
     corpus_overrides,
     init_gloo,
@@ -22,7 +23,6 @@ from helpers import (
     spawn,
     tiny_cfg,
     tiny_gpt_config,
-    char_run,
 )
 
 pytest.importorskip("deepspeed")
@@ -57,12 +57,34 @@ def test_zero3_exact_resume(tmp_path_factory):
         assert got[s] == ref[s], f"step {s}: {got[s]!r} != {ref[s]!r}"
 
 
+def zero2_run(f) -> Path:
+    """ZeRO-2, micro-batch 1 x grad-accum 2 x 2 ranks, full activation checkpointing (test_export reuses it)."""
+    return session_run(f, "zero2", ["strategy=zero2", "train.max_steps=20", "train.micro_batch_size=1",
+                                    "train.grad_accum=2", "train.activation_checkpointing=full"], nproc=2)
+
+
+def zero1_run(f) -> Path:
+    """ZeRO-1 through the trainer (torchrun, 2 ranks x micro-batch 2); test_export reuses its checkpoint."""
+    return session_run(f, "zero1", ["strategy=zero1", "train.max_steps=20", "train.micro_batch_size=2",
+                                    "train.ckpt_every=0"], nproc=2)
+
+
 def test_zero2_grad_accum_and_ac_match_single_process(tmp_path_factory):
-    """ZeRO-2, micro-batch 1 x grad-accum 2 x 2 ranks, full activation checkpointing."""
-    run = session_run(tmp_path_factory, "zero2",
-                      ["strategy=zero2", "train.max_steps=20", "train.micro_batch_size=1", "train.grad_accum=2",
-                       "train.activation_checkpointing=full"], nproc=2)
+    run = zero2_run(tmp_path_factory)
     assert_losses_close(losses_by_step(run), single_losses(tmp_path_factory), range(1, 21), 1e-5)
+
+
+def test_zero1_through_the_trainer_matches_single_process(tmp_path_factory):
+    """python -m train strategy=zero1 on 2 ranks: the single-process losses and val losses within 1e-5, a
+    DeepSpeed stage-1 checkpoint."""
+    run = zero1_run(tmp_path_factory)
+    got = losses_by_step(run)
+    assert sorted(got) == list(range(1, 21))
+    assert_losses_close(got, single_losses(tmp_path_factory), range(1, 21), 1e-5)
+    want_val = losses_by_step(single_run(tmp_path_factory), "val_loss")
+    assert_losses_close(losses_by_step(run, "val_loss"), want_val, [10, 20], 1e-5)
+    meta = json.loads((ckpt(run, 20) / "meta.json").read_text())
+    assert (meta["format"], meta["zero_stage"], meta["world_size"]) == ("deepspeed", 1, 2)
 
 
 # ---------------------------------------------------------------- in-process, 2 spawned ranks
