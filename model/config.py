@@ -70,6 +70,9 @@ class GPTConfig:
     """Dropout on embeddings, attention probabilities and residual branches (training only)."""
     init_std: float = 0.02
     """Std of the normal init of every weight matrix; residual output projections use init_std / sqrt(2 n_layer)."""
+    doc_mask_token: int | None = None
+    """Document masking of packed sequences: the end-of-text id. A token after it starts a new document: attention
+    does not cross that boundary and positions (learned or RoPE) restart at 0. None = plain causal attention."""
 
     def __post_init__(self) -> None:
         _choice("family", self.family, FAMILIES)
@@ -111,6 +114,10 @@ class GPTConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.init_std <= 0:
             raise ValueError(f"init_std={self.init_std} must be > 0")
+        if self.doc_mask_token is not None and (isinstance(self.doc_mask_token, bool) or not isinstance(
+                self.doc_mask_token, int) or not 0 <= self.doc_mask_token < self.vocab_size):
+            raise ValueError(f"doc_mask_token={self.doc_mask_token!r} must be a token id in [0, "
+                             f"vocab_size={self.vocab_size}) or None")
 
     # ---- construction -------------------------------------------------------------------------
 

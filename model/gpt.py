@@ -73,9 +73,29 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, T, hd); cos/sin (T, hd), cast to x's dtype as HF does."""
+    """x (B, H, T, hd); cos/sin (T, hd), or (B, 1, T, hd) for per-sequence positions; cast to x's dtype as HF does."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin
+
+
+# ---- document masking -------------------------------------------------------------------------
+
+
+def document_layout(idx: Tensor, eot: int) -> tuple[Tensor, Tensor]:
+    """Packed sequences idx (B, T) whose documents end with the token `eot` -> (positions (B, T) that restart at 0
+    after every eot, attention mask (B, 1, T, T), True where query t may attend key s: s <= t, same document).
+
+    Derived from the ids themselves, so the loader's (x, y) interface is unchanged: a token right after an eot
+    starts a document (the eot belongs to the document it ends)."""
+    T = idx.shape[1]
+    ar = torch.arange(T, device=idx.device)
+    starts = torch.zeros_like(idx, dtype=torch.bool)
+    starts[:, 1:] = idx[:, :-1] == eot  # (B, T): a document begins here
+    start_of = torch.where(starts, ar, 0).cummax(dim=1).values  # (B, T): where the token's document began
+    doc = starts.cumsum(dim=1)  # (B, T): document number within the row
+    causal = ar[None, :] <= ar[:, None]  # (T, T)
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
+    return ar - start_of, mask.unsqueeze(1)
 
 
 # ---- KV cache ---------------------------------------------------------------------------------
@@ -126,7 +146,8 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
-                kv_cache: LayerKVCache | None = None, start_pos: int = 0) -> Tensor:
+                kv_cache: LayerKVCache | None = None, start_pos: int = 0, attn_mask: Tensor | None = None) -> Tensor:
+        """attn_mask (B, 1, T, T) bool, True = may attend (document masking); None = causal."""
         B, T, _ = x.shape
         # head counts come from the projections' widths, not the config: under tensor parallelism each rank
         # holds a slice of the heads and runs this same code on it
@@ -138,16 +159,18 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)  # (B, nkv, start_pos + T, hd)
         mask, causal = None, True
-        if start_pos > 0:  # queries sit after cached keys: SDPA's is_causal would align them top-left
+        if attn_mask is not None:  # causal within each document of a packed sequence
+            mask, causal = attn_mask, False
+        elif start_pos > 0:  # queries sit after cached keys: SDPA's is_causal would align them top-left
             causal = False
             if T > 1:
                 S = k.shape[2]
                 mask = torch.arange(S, device=x.device)[None, :] <= (start_pos + torch.arange(T, device=x.device))[:, None]
         n_head, n_kv_head = q.shape[1], k.shape[1]
         gqa = n_kv_head != n_head
-        if gqa and q.is_cuda and q.dtype == torch.float32:
-            # fp32 on CUDA has no flash kernel and the memory-efficient one lacks GQA: repeat the KV heads
-            # rather than let SDPA fall back to the O(T^2)-memory math path
+        if gqa and q.is_cuda and (q.dtype == torch.float32 or mask is not None):
+            # fp32 on CUDA (and any mask) rules out the flash kernel and the memory-efficient one lacks GQA:
+            # repeat the KV heads rather than let SDPA fall back to the O(T^2)-memory math path
             g = n_head // n_kv_head
             k, v, gqa = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), False
         y = F.scaled_dot_product_attention(
@@ -201,13 +224,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None,
-                kv_cache: LayerKVCache | None = None, start_pos: int = 0) -> Tensor:
+                kv_cache: LayerKVCache | None = None, start_pos: int = 0, attn_mask: Tensor | None = None) -> Tensor:
         if not self.parallel:
-            x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, start_pos)
+            x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, start_pos, attn_mask=attn_mask)
             return x + self.mlp(self.mlp_norm(x))
         h = self.attn_norm(x)
         h_mlp = h if self.mlp_norm is None else self.mlp_norm(x)
-        return x + (self.mlp(h_mlp) + self.attn(h, cos, sin, kv_cache, start_pos))
+        return x + (self.mlp(h_mlp) + self.attn(h, cos, sin, kv_cache, start_pos, attn_mask=attn_mask))
 
 
 class LMHead(nn.Linear):
@@ -319,22 +342,34 @@ class GPT(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
 
-    def embed(self, idx: Tensor, start_pos: int = 0) -> Tensor:
+    def embed(self, idx: Tensor, start_pos: int = 0, positions: Tensor | None = None) -> Tensor:
         """Token ids (B, T) -> the first block's input (B, T, C): token embedding (Gemma: times sqrt(d)), learned
-        positions, embedding dropout."""
+        positions (start_pos, start_pos + 1, ... or `positions` (B, T) from `document_layout`), embedding dropout."""
         cfg = self.config
         x = self.tok_emb(idx)  # (B, T, C)
         if cfg.embed_scale:  # Gemma: sqrt(d) rounded to the hidden dtype, as HF does
             x = x * torch.tensor(cfg.n_embd**0.5, dtype=x.dtype, device=x.device)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device))
+            if positions is None:
+                positions = torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device)
+            x = x + self.pos_emb(positions)
         return self.drop(x)
 
-    def rope(self, start_pos: int, T: int) -> tuple[Tensor | None, Tensor | None]:
-        """The RoPE cos / sin rows (T, hd) for positions start_pos .. start_pos + T - 1 (None, None without RoPE)."""
+    def rope(self, start_pos: int, T: int, positions: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """The RoPE cos / sin rows (T, hd) for positions start_pos .. start_pos + T - 1, or (B, 1, T, hd) for
+        `positions` (B, T) from `document_layout` (None, None without RoPE)."""
         if self.rope_cos is None:
             return None, None
+        if positions is not None:  # per-sequence positions, broadcast over heads
+            return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+
+    def document_layout(self, idx: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(positions (B, T), attention mask (B, 1, T, T)) of the documents packed in idx when the config sets
+        `doc_mask_token`, else (None, None) (plain causal attention, positions 0 .. T-1)."""
+        if self.config.doc_mask_token is None:
+            return None, None
+        return document_layout(idx, self.config.doc_mask_token)
 
     def forward(self, idx: Tensor, return_hidden: bool = False, *, kv_cache: KVCache | None = None,
                 start_pos: int = 0, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -349,10 +384,16 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if start_pos + T > cfg.block_size:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds block_size={cfg.block_size}")
-        x = self.embed(idx, start_pos)
-        cos, sin = self.rope(start_pos, T)
+        # document masking applies to training / scoring of packed sequences; a KV-cached generation is one document
+        positions, doc_mask = self.document_layout(idx) if kv_cache is None else (None, None)
+        x = self.embed(idx, start_pos, positions)
+        cos, sin = self.rope(start_pos, T, positions)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, kv_cache.layers[i] if kv_cache is not None else None, start_pos)
+            layer_cache = kv_cache.layers[i] if kv_cache is not None else None
+            if doc_mask is None:
+                x = block(x, cos, sin, layer_cache, start_pos)
+            else:
+                x = block(x, cos, sin, layer_cache, start_pos, attn_mask=doc_mask)
         x = self.norm_f(x)
         if targets is not None:
             if targets.shape != idx.shape:

@@ -318,7 +318,14 @@ def resolve(cfg, world_size: int) -> RunSpec:
         check_tp_divides(gpt.n_head, gpt.n_kv_head, dims.tp)
         _check(cfg.train.seq_len % dims.tp == 0, f"train.seq_len={cfg.train.seq_len} must be a multiple of "
                f"parallel.tp={dims.tp} (sequence parallel splits every sequence over the tensor-parallel ranks)")
-    return RunSpec(gpt_config=gpt, dims=dims, tokenizer=_tokenizer_name(cfg, gpt, init_from), init_from=init_from)
+    tokenizer = _tokenizer_name(cfg, gpt, init_from)
+    if cfg.data.document_mask:  # attention stops at the tokenizer's end-of-text token (model/gpt.py doc_mask_token)
+        import dataclasses
+
+        from train.data.tokenizer import document_mask_token
+
+        gpt = dataclasses.replace(gpt, doc_mask_token=document_mask_token(tokenizer, gpt.vocab_size))
+    return RunSpec(gpt_config=gpt, dims=dims, tokenizer=tokenizer, init_from=init_from)
 
 
 def register_configs() -> None:

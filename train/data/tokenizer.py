@@ -196,3 +196,16 @@ def get_tokenizer(name: str) -> Tokenizer:
             )
         enc = _tiktoken_encoding(name)
     return Tokenizer(name, enc, "tiktoken", enc.eot_token, enc.n_vocab)
+
+
+def document_mask_token(name: str, vocab_size: int) -> int:
+    """The end-of-text id that `data.document_mask=true` splits packed sequences at (model/gpt.py
+    `doc_mask_token`); one-line DataError when the tokenizer has none the model can embed."""
+    try:
+        eot = get_tokenizer(name).eot_token
+    except DataError as e:
+        raise DataError(f"data.document_mask=true needs the tokenizer's end-of-text token: {e}") from None
+    if not isinstance(eot, int) or not 0 <= eot < vocab_size:
+        raise DataError(f"data.document_mask=true needs an end-of-text token id in [0, model.vocab_size={vocab_size}); "
+                        f"tokenizer {name!r} has {eot!r}")
+    return eot
