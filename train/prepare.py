@@ -4,8 +4,9 @@
     python -m train.prepare --source text --path 'corpus/*.jsonl' --text-field text --out data/corpus
     python -m train.prepare --source hf --name HuggingFaceFW/fineweb --subset sample-10BT --max-docs 100000 --out data/fw
 
-Writes train (and val) shards plus index.json (see train/data/shards.py). Re-running the same
-command resumes after the last complete shard; a finished directory is left as it is.
+Writes train (and val) shards plus index.json (see train/data/shards.py); the progress bar shows tokens/s
+and an ETA (for a hf stream, with --max-docs). Re-running the same command resumes after the last complete
+shard; a finished directory is left as it is.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def prepare(args: argparse.Namespace) -> dict:
     fingerprint = "hf:" + ":".join(str(v) for v in source.values())
     return write_tokens(out, {"train": train_docs, "val": lambda: hf_documents(cfg, "val")}, tok,
                         fingerprint=fingerprint, source=source, shard_tokens=args.shard_tokens,
-                        num_threads=args.num_threads, progress=progress)
+                        num_threads=args.num_threads, progress=progress,
+                        # a stream's length is known only when capped: the ETA needs --max-docs
+                        expected_docs={"train": args.max_docs, "val": None if cfg.val_split else cfg.val_docs})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,8 +54,10 @@ def prepare_corpus(corpus: Corpus, tok: Tokenizer, out: Path, *, shard_tokens: i
     splits = {"train": lambda: corpus.documents("train")}
     if corpus.val_fraction > 0:
         splits["val"] = lambda: corpus.documents("val")
+    expected = {s: corpus.expected_documents(s) for s in splits} if progress else None  # the bar's ETA
     header = write_tokens(out, splits, tok, fingerprint=corpus.fingerprint, source=corpus.describe(),
-                          shard_tokens=shard_tokens, num_threads=num_threads, progress=progress)
+                          shard_tokens=shard_tokens, num_threads=num_threads, progress=progress,
+                          expected_docs=expected)
     if header["splits"]["train"]["n_docs"] == 0:  # an empty val split is reported when a val loader asks
         raise DataError(corpus.empty_error())
     return header

@@ -84,6 +84,25 @@ class Corpus:
             if part.strip():
                 yield part
 
+    def expected_documents(self, split: str) -> int:
+        """About how many documents `documents(split)` yields, counted without decoding (one per play or text
+        file, jsonl lines, parquet rows; empty ones not subtracted): the prepare progress bar's ETA."""
+        n = 0
+        for f in self.files:
+            if self.kind == "shakespeare" or f.suffix in TEXT_SUFFIXES:
+                n += 1
+            elif f.suffix in JSONL_SUFFIXES:
+                with open(f, "rb") as fh:
+                    n += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
+            else:
+                import pyarrow.parquet as pq
+
+                n += pq.ParquetFile(f).metadata.num_rows
+        if not self.whole_docs:
+            return n  # every document has a train part and a val tail
+        val = sum(is_val_doc(i, self.val_fraction) for i in range(n))
+        return val if split == "val" else n - val
+
     def _all_documents(self) -> Iterator[str]:
         for f in self.files:
             if self.kind == "shakespeare":

@@ -237,6 +237,19 @@ class MixtureSchedule:
         b, o = divmod(p - start, BLOCK)
         return base + b * n + self._block_of(seg, b)[2][o]
 
+    def position_of(self, s: int, k: int) -> int | None:
+        """The global position of source s's sample k (0-based), None if the schedule never draws it."""
+        for i, (start, _, base, n) in enumerate(self.segs):
+            nxt = self.segs[i + 1][2][s] if i + 1 < len(self.segs) else None
+            if k < base[s] or n[s] == 0 or (nxt is not None and k >= nxt):
+                continue
+            b, j = divmod(k - int(base[s]), int(n[s]))
+            p = start + b * BLOCK + int(np.flatnonzero(self._block_of(i, b, cache=False)[0] == s)[j])
+            if (i + 1 < len(self.segs) and p >= self.segs[i + 1][0]) or (self.end is not None and p >= self.end):
+                return None
+            return p
+        return None
+
     def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source, sample index within the source) of each global position."""
         positions = np.asarray(positions, dtype=np.int64)
@@ -261,14 +274,14 @@ class MixtureSchedule:
 
 
 class _MixWindows(Dataset):
-    """Batched map-style dataset: [(source, window index)] -> (x, y) LongTensors [B, T]."""
+    """Batched map-style dataset: (sources [B], window indices [B]) -> (x, y) LongTensors [B, T]."""
 
     def __init__(self, stores: list[TokenStore], seq_len: int) -> None:
         self.stores, self.seq_len = stores, seq_len
 
-    def __getitem__(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.seq_len
-        w = torch.from_numpy(np.stack([self.stores[s].read(i * T, T + 1) for s, i in pairs]))  # [B, T+1]
+    def __getitem__(self, pairs: tuple[list[int], list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        T, stores = self.seq_len, self.stores
+        w = torch.from_numpy(np.stack([stores[s].read(i * T, T + 1) for s, i in zip(*pairs)]))  # [B, T+1]
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
@@ -329,21 +342,45 @@ class MixtureLoader:
                                 f" one eval batch over all ranks needs {micro_batch_size * dp_size}")
         self.dataset = _MixWindows(stores, seq_len)
         self._consumed, self._micro = 0, 0
-        self._epochs_seen = [0] * len(entries)
-        self._exhausted_seen: set[int] = set()
+        self._chunks: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # BLOCK-aligned chunk -> (sources, windows)
+        if self.train:
+            self._plan_events()
 
     def __len__(self) -> int:
         if self.train:
             raise TypeError("the train loader is endless")
         return self.val_steps
 
-    def pairs(self, positions: np.ndarray) -> list[tuple[int, int]]:
-        src, k = self.schedule.lookup(positions)
-        idx = np.empty_like(k)
-        for s in np.unique(src).tolist():
-            sel = src == s
-            idx[sel] = self.orders[s].indices(k[sel])
-        return list(zip(src.tolist(), idx.tolist()))
+    def pairs(self, positions: np.ndarray) -> tuple[list[int], list[int]]:
+        """(source, window index) of contiguous global positions, from a cache of BLOCK positions at a time:
+        the schedule and the per-source permutations are looked up once per block, not per micro-batch."""
+        first, last = int(positions[0]), int(positions[-1])
+        end = self.schedule.end
+        if end is not None and last >= end:
+            self.schedule.lookup(positions)  # raises the one-line error
+        parts_s, parts_i = [], []
+        p = first
+        while p <= last:
+            c = p // BLOCK
+            if c not in self._chunks:
+                lo = c * BLOCK
+                hi = lo + BLOCK if end is None else min(lo + BLOCK, end)
+                src, k = self.schedule.lookup(np.arange(lo, hi, dtype=np.int64))
+                idx = np.empty_like(k)
+                for s in np.unique(src).tolist():
+                    sel = src == s
+                    idx[sel] = self.orders[s].indices(k[sel])
+                if len(self._chunks) >= 4:
+                    self._chunks.pop(next(iter(self._chunks)))
+                self._chunks[c] = (src, idx)
+            src, idx = self._chunks[c]
+            q = min(last + 1, (c + 1) * BLOCK)
+            parts_s.append(src[p - c * BLOCK:q - c * BLOCK])
+            parts_i.append(idx[p - c * BLOCK:q - c * BLOCK])
+            p = q
+        if len(parts_s) == 1:
+            return parts_s[0].tolist(), parts_i[0].tolist()
+        return np.concatenate(parts_s).tolist(), np.concatenate(parts_i).tolist()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.train:
@@ -375,21 +412,38 @@ class MixtureLoader:
             out[f"data/{label}/epochs"] = round(n / size, 4) if size else 0.0
         return out
 
-    def _announce(self) -> None:
-        """Say when a source starts another pass or has reached its max_epochs."""
-        c = self.counts().tolist()
-        pos = self.samples_consumed
+    def _plan_events(self) -> None:
+        """Global positions where a source starts its next epoch (or runs out): `_announce` checks one number."""
+        c = self.schedule.counts_at(self.samples_consumed).tolist()
+        self._events = {}
         for s, (n, size) in enumerate(zip(c, self.sizes)):
-            e = n // size if size else 0
-            if e > self._epochs_seen[s] and (self.max_epochs[s] is None or e < self.max_epochs[s]):
-                log.info(f"data.mixture: source {self.labels[s]!r} repeats: starting epoch {e + 1} at sample {pos:,}")
-            self._epochs_seen[s] = max(self._epochs_seen[s], e)
+            if not size:
+                continue
+            e = n // size
             last = self.schedule.exhausted_at.get(s)
-            if last is not None and last < pos and s not in self._exhausted_seen:
-                self._exhausted_seen.add(s)
-                if self.schedule.end is None:
-                    log.info(f"data.mixture: source {self.labels[s]!r} reached max_epochs={self.max_epochs[s]} at "
-                             f"sample {last + 1:,}; its weight goes to the other sources")
+            if last is not None and last + 1 < self.samples_consumed:
+                continue  # ran out before this point (said so then)
+            p = self.schedule.position_of(s, (e + 1) * size)
+            if p is not None and (last is None or p <= last):
+                self._events[s] = (p, "epoch", e + 1)
+            elif last is not None:
+                self._events[s] = (last + 1, "out", e + 1)
+        self._next_event = min((p for p, _, _ in self._events.values()), default=None)
+
+    def _announce(self) -> None:
+        """Say when a source starts another pass or has reached its max_epochs (logged once the step holding
+        that sample is consumed)."""
+        if self._next_event is None or self.samples_consumed <= self._next_event:
+            return
+        for s, (p, kind, e) in sorted(self._events.items()):
+            if p >= self.samples_consumed:
+                continue
+            if kind == "epoch":
+                log.info(f"data.mixture: source {self.labels[s]!r} repeats: starting epoch {e + 1} at sample {p:,}")
+            elif self.schedule.end is None:
+                log.info(f"data.mixture: source {self.labels[s]!r} reached max_epochs={self.max_epochs[s]} at "
+                         f"sample {p:,}; its weight goes to the other sources")
+        self._plan_events()
 
     def describe(self) -> str:
         return ", ".join(f"{l} {w:.3g} ({n:,} windows{'' if m is None else f', max_epochs {m}'})"
@@ -449,9 +503,9 @@ class MixtureLoader:
         else:
             self.schedule = saved
         self._consumed, self._micro = consumed, int(state["micro_in_step"])
-        c = self.schedule.counts_at(self._consumed)
-        self._epochs_seen = [n // s if s else 0 for n, s in zip(c.tolist(), self.sizes)]
-        self._exhausted_seen = {s for s, p in self.schedule.exhausted_at.items() if p < self._consumed}
+        self._chunks = {}
+        if self.train:
+            self._plan_events()
 
 
 def build_mixture_loader(cfg: DataConfig, tok: Tokenizer, split: str, seq_len: int, micro_batch_size: int,

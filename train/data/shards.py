@@ -82,7 +82,7 @@ def _groups(docs: Iterator[str], splittable: bool) -> Iterator[tuple[list[str], 
 
 
 def _write_split(out: Path, split: str, docs: Iterator[str], tok: Tokenizer, dtype: str,
-                 shard_tokens: int, num_threads: int, progress: bool) -> dict:
+                 shard_tokens: int, num_threads: int, progress: bool, expected_docs: int | None = None) -> dict:
     from tqdm.auto import tqdm
 
     # resume: keep complete shards (sidecar present), skip the documents they cover
@@ -96,6 +96,8 @@ def _write_split(out: Path, split: str, docs: Iterator[str], tok: Tokenizer, dty
         n_docs_done = meta["doc_end"]
     n_tokens = sum(s["n_tokens"] for s in shards)
 
+    # the bar counts tokens (tqdm's rate: tokens/s); with an expected document count its total is re-estimated
+    # after every tokenizer group (tokens so far / share of documents done), which gives tqdm's ETA
     bar = tqdm(desc=f"tokenize {split}", unit="tok", unit_scale=True, disable=not progress or None,
                initial=n_tokens)
     buf: list[np.ndarray] = []
@@ -134,6 +136,9 @@ def _write_split(out: Path, split: str, docs: Iterator[str], tok: Tokenizer, dty
                 doc_i += 1
                 if buf_len >= shard_tokens:
                     flush()
+        if expected_docs and doc_i:  # ETA: tokens per document so far predict the split's tokens
+            bar.total = max(bar.n, round(bar.n * max(expected_docs, doc_i) / doc_i))
+            bar.refresh()
     if buf_len:
         flush()
     bar.close()
@@ -142,8 +147,9 @@ def _write_split(out: Path, split: str, docs: Iterator[str], tok: Tokenizer, dty
 
 def write_tokens(out: Path, splits: dict[str, Callable[[], Iterator[str]]], tok: Tokenizer, *,
                  fingerprint: str, source: dict, shard_tokens: int = 50_000_000, num_threads: int = 4,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, expected_docs: dict[str, int | None] | None = None) -> dict:
     """Tokenize every split's documents into `out`; resumes after complete shards; returns the header.
+    `expected_docs`: documents per split when known, for the progress bar's ETA.
 
     A directory already holding a different corpus / tokenizer is refused, never overwritten.
     """
@@ -171,7 +177,8 @@ def write_tokens(out: Path, splits: dict[str, Callable[[], Iterator[str]]], tok:
         _write_atomic(manifest, json.dumps(ident).encode())
     header = dict(ident, source=source, splits={})
     for split, docs in splits.items():
-        header["splits"][split] = _write_split(out, split, docs(), tok, dtype, shard_tokens, num_threads, progress)
+        header["splits"][split] = _write_split(out, split, docs(), tok, dtype, shard_tokens, num_threads, progress,
+                                               (expected_docs or {}).get(split))
     _write_atomic(out / INDEX, json.dumps(header, indent=1).encode())
     return header
 
