@@ -246,33 +246,43 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, run_dir: str | Path, step: int, extra: Mapping[str, Any], *, model_config: Mapping,
-                    precision: str, keep_last: int, is_main: bool, fault: str | None = None) -> Path:
-    """Collective. Writes ``step_NNNNNNN.tmp`` (the engine's state, meta.json, every rank's ``extra``),
-    renames it, then points ``latest`` at it and prunes to ``keep_last``. On any rank's failure the temp
-    dir is removed, the previous checkpoints and ``latest`` are untouched, and on all ranks StorageError is
-    raised (disk full / read-only: exit 5) or CheckpointSaveError (anything else). The one place meta.json is
-    written."""
-    root = checkpoints_dir(run_dir)
-    final = root / ckpt_name(step)
-    tmp = root / (ckpt_name(step) + ".tmp")
+def _begin(root: Path, tmp: Path, is_main: bool) -> None:
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+        for stale in root.glob("step_*.tmp"):  # left by a crash during an earlier save (never one in flight:
+            shutil.rmtree(stale, ignore_errors=True)  # a save starts only when the previous one is finished)
         tmp.mkdir()
     barrier()
-    error: BaseException | None = None
+
+
+def _write_parts(engine, tmp: Path, step: int, extra: Mapping[str, Any], model_config: Mapping, precision: str,
+                 is_main: bool, fault: str | None, dcp_save=None) -> BaseException | None:
+    """This rank's share of a checkpoint (the engine's state, meta.json on rank 0, its ``extra``); the error."""
     try:
-        engine.save(tmp)
+        engine.save(tmp, dcp_save=dcp_save) if dcp_save is not None else engine.save(tmp)
         if is_main:
             write_meta(tmp, step=step, model_config=model_config, precision=precision, **engine.meta())
         save_extra(tmp, extra, engine.dist.rank)
-        if fault == "enospc":  # test hook (train.fault_enospc_steps): the writer hits a full disk
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "__0_0.distcp"))
+        if fault == "enospc" and dcp_save is None:  # test hook (train.fault_enospc_steps): the writer hits a full disk
+            raise _enospc(tmp)
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; reported below
-        error = e
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; reported by _conclude
+        return e
+    return None
+
+
+def _enospc(tmp: Path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "__0_0.distcp"))
+
+
+def _conclude(run_dir: Path, step: int, error: BaseException | None, keep_last: int, is_main: bool,
+              background: bool = False) -> Path:
+    """Collective: publish ``step_N.tmp`` as ``step_N`` + ``latest`` when every rank wrote its part, else remove
+    it and raise StorageError / CheckpointSaveError on every rank (naming the step; the previous checkpoint
+    stays ``latest``)."""
+    root = checkpoints_dir(run_dir)
+    final, tmp = root / ckpt_name(step), root / (ckpt_name(step) + ".tmp")
     # what the storage says before the partial checkpoint is removed (removing it frees the space again)
     storage = storage_cause(error, tmp) if error is not None else None
     if any_rank(error is not None):
@@ -282,11 +292,12 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, extra: Mapping[str, 
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = f"latest is still {previous.name}" if previous is not None else "no earlier checkpoint exists"
+        how = "saving checkpoint" if not background else "saving checkpoint (in the background)"
         if full:
-            raise StorageError(f"saving checkpoint {final} failed: {storage or 'no space left on device (another rank)'}"
+            raise StorageError(f"{how} {final} failed: {storage or 'no space left on device (another rank)'}"
                                f" under {root}; {kept}; free space there and resume=auto continues", path=root)
         why = f"{type(error).__name__}: {dcp_failure_line(error)}" if error is not None else "failed on another rank"
-        raise CheckpointSaveError(f"saving checkpoint {final} failed ({why}); {kept}")
+        raise CheckpointSaveError(f"{how} {final} failed ({why}); {kept}")
     barrier()
     if is_main:
         if final.exists():  # the same step saved again (e.g. resumed then stopped at once)
@@ -298,12 +309,140 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, extra: Mapping[str, 
         else:
             os.replace(tmp, final)
         _atomic_write_text(root / LATEST, final.name + "\n")
-        if keep_last > 0:
+        if keep_last > 0:  # only complete checkpoints are listed: one still being written is a .tmp
             for old in list_checkpoints(run_dir)[:-keep_last]:
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def save_checkpoint(engine, run_dir: str | Path, step: int, extra: Mapping[str, Any], *, model_config: Mapping,
+                    precision: str, keep_last: int, is_main: bool, fault: str | None = None) -> Path:
+    """Collective. Writes ``step_NNNNNNN.tmp`` (the engine's state, meta.json, every rank's ``extra``),
+    renames it, then points ``latest`` at it and prunes to ``keep_last``. On any rank's failure the temp
+    dir is removed, the previous checkpoints and ``latest`` are untouched, and on all ranks StorageError is
+    raised (disk full / read-only: exit 5) or CheckpointSaveError (anything else). The one place meta.json is
+    written."""
+    run_dir = Path(run_dir)
+    root = checkpoints_dir(run_dir)
+    tmp = root / (ckpt_name(step) + ".tmp")
+    _begin(root, tmp, is_main)
+    error = _write_parts(engine, tmp, step, extra, model_config, precision, is_main, fault)
+    return _conclude(run_dir, step, error, keep_last, is_main)
+
+
+class Checkpointer:
+    """The trainer's checkpoint writer: synchronous (``save_checkpoint``), or with ``checkpoint.async_save``
+    DCP's ``async_save``: the state is staged to CPU memory and written by a background thread while training
+    goes on. The guarantees stay those of a synchronous save:
+
+    - at most one save in flight: a new save first waits for the previous one;
+    - ``latest`` names only complete checkpoints: the one in flight is ``step_N.tmp`` until every rank's write
+      finished (checked collectively by ``poll`` at each step boundary), then renamed and published;
+    - keep_last pruning only ever sees complete checkpoints, so it never removes the one being written;
+    - ``wait`` (the final save, SIGTERM / SIGINT) blocks until the write is complete and published;
+    - a write that fails in the background raises StorageError / CheckpointSaveError naming its step at the
+      next ``poll`` / ``wait``: the run ends with one line, the previous checkpoint stays ``latest``.
+
+    The background writes use their own gloo process group, so their collectives never interleave with the
+    training loop's. Engines with their own format (DeepSpeed) ignore ``dcp_save`` and write synchronously.
+    """
+
+    def __init__(self, engine, run_dir: str | Path, *, model_config: Mapping, precision: str, keep_last: int,
+                 is_main: bool, async_save: bool = False) -> None:
+        self.engine, self.run_dir = engine, Path(run_dir)
+        self.model_config, self.precision, self.keep_last, self.is_main = model_config, precision, keep_last, is_main
+        self.async_save = async_save
+        self._pending: tuple[int, Any] | None = None  # (step, future of the background write)
+        self._group = None
+        if async_save and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            self._group = torch.distributed.new_group(backend="gloo")  # collective: every rank builds the trainer
+        self.last_stall_s = 0.0  # how long the last save() held the training loop
+        if async_save:  # the background thread's "no process group: saving in a single process" notice
+            import warnings
+
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+    @property
+    def in_flight(self) -> int | None:
+        return self._pending[0] if self._pending is not None else None
+
+    def save(self, step: int, extra: Mapping[str, Any], *, wait: bool = False, fault: str | None = None) -> Path:
+        """Collective. Returns the checkpoint's final path (complete once ``latest`` names it)."""
+        import time
+
+        t0 = time.perf_counter()
+        self.wait()
+        if not self.async_save:
+            path = save_checkpoint(self.engine, self.run_dir, step, extra, model_config=self.model_config,
+                                   precision=self.precision, keep_last=self.keep_last, is_main=self.is_main,
+                                   fault=fault)
+            self.last_stall_s = time.perf_counter() - t0
+            return path
+        root = checkpoints_dir(self.run_dir)
+        tmp = root / (ckpt_name(step) + ".tmp")
+        _begin(root, tmp, self.is_main)
+        futures: list[Any] = []
+        error = _write_parts(self.engine, tmp, step, extra, self.model_config, self.precision, self.is_main, fault,
+                             dcp_save=lambda state, checkpoint_id: futures.append(self._async_write(state,
+                                                                                                    checkpoint_id)))
+        if any_rank(error is not None or not futures):
+            # the synchronous part failed, or the engine wrote its own format synchronously: done either way
+            for f in futures:
+                _result(f)
+            path = _conclude(self.run_dir, step, error, self.keep_last, self.is_main)
+            self.last_stall_s = time.perf_counter() - t0
+            return path
+        future = futures[0]
+        if fault == "enospc":  # test hook: the background writer hits a full disk
+            future = _failing_after(future, _enospc(tmp))
+        self._pending = (step, future)
+        if wait:
+            self.wait()
+        self.last_stall_s = time.perf_counter() - t0
+        return root / ckpt_name(step)
+
+    def _async_write(self, state, checkpoint_id):
+        import torch.distributed.checkpoint as dcp
+
+        return dcp.async_save(state, checkpoint_id=checkpoint_id, process_group=self._group)
+
+    def poll(self) -> None:
+        """Collective, at a step boundary: publish the save in flight if every rank's write has finished."""
+        if self._pending is None:
+            return
+        if any_rank(not self._pending[1].done()):
+            return
+        self.wait()
+
+    def wait(self) -> None:
+        """Collective: block until the save in flight is written, then publish it (or raise naming its step)."""
+        if self._pending is None:
+            return
+        step, future = self._pending
+        self._pending = None
+        error = _result(future)
+        _conclude(self.run_dir, step, error, self.keep_last, self.is_main, background=True)
+
+
+def _result(future) -> BaseException | None:
+    try:
+        future.result()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        return e
+    return None
+
+
+def _failing_after(future, error: BaseException):
+    """A future that completes when ``future`` does, with ``error`` (the background ENOSPC test hook)."""
+    from concurrent.futures import Future
+
+    out: Future = Future()
+    future.add_done_callback(lambda _: out.set_exception(error))
+    return out
 
 
 def load_checkpoint(engine, ckpt_dir: str | Path) -> dict:

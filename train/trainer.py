@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from train.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from train.distributed import DistInfo, any_rank
 from train.metrics import MetricsLogger, format_line, memory_gb, peak_flops
 from train.ops.errors import EXIT_INTERRUPTED, EXIT_NAN, EXIT_OK, EXIT_PREEMPTED
@@ -82,6 +82,12 @@ class Trainer:
         self.signals = SignalFlag()
         self.logger: MetricsLogger | None = None
         self._trace = None
+        self.ckpt = Checkpointer(engine, self.run_dir, model_config=spec.gpt_config.to_dict(),
+                                 precision=cfg.precision.name, keep_last=t.keep_last, is_main=dist.is_main,
+                                 async_save=cfg.checkpoint.async_save)
+        if cfg.checkpoint.async_save and engine.format == "deepspeed" and dist.is_main:
+            log.warning("checkpoint.async_save: DeepSpeed writes its own checkpoint format synchronously "
+                        "(engine.save_checkpoint); saves under this strategy block the loop as before")
 
     # ------------------------------------------------------------ state
 
@@ -132,13 +138,16 @@ class Trainer:
         return generate_text(self.engine, self.tok, t.sample_prompt, t.sample_tokens,
                              temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed + self.step)
 
-    def save(self) -> Path:
+    def save(self, wait: bool = True) -> Path:
+        """Checkpoint this step. With ``checkpoint.async_save`` and ``wait=False`` the write goes on in the
+        background (``latest`` moves to it once it is complete); otherwise it is complete on return."""
         fault = "enospc" if self.step in self.cfg.train.fault_enospc_steps else None  # test hook: disk full
-        path = save_checkpoint(self.engine, self.run_dir, self.step, self.extra_state(),
-                               model_config=self.spec.gpt_config.to_dict(), precision=self.cfg.precision.name,
-                               keep_last=self.cfg.train.keep_last, is_main=self.dist.is_main, fault=fault)
+        path = self.ckpt.save(self.step, self.extra_state(), wait=wait, fault=fault)
         if self.dist.is_main:
-            log.info(f"saved checkpoint {path}")
+            if self.ckpt.in_flight == self.step:
+                log.info(f"saving checkpoint {path} in the background (loop held {self.ckpt.last_stall_s:.2f} s)")
+            else:
+                log.info(f"saved checkpoint {path}")
         return path
 
     def _log_eval(self) -> float:
@@ -194,6 +203,7 @@ class Trainer:
             code = self._loop(flops_per_token, peak)
         except StopTraining as stop:
             code, message = stop.code, str(stop)
+            self.ckpt.wait()  # every rank stops here together: the save in flight completes and is published
         finally:
             self.signals.restore()
             if self._trace is not None:
@@ -266,8 +276,9 @@ class Trainer:
                 last_val = self._log_eval()
             if ((t.sample_every and self.step % t.sample_every == 0) or final) and t.sample_tokens > 0:
                 self._log_sample()
+            self.ckpt.poll()  # publish a background save whose write finished (collective)
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or final or stop:
-                self.save()
+                self.save(wait=final or stop)
             if stop:
                 return self._preempted()
             if t.fault_error_step == self.step:  # fault injection: a bug (not bad input) in the middle of a run
