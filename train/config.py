@@ -172,6 +172,15 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """How checkpoints are written (where and how often: ``train.ckpt_every``, ``train.keep_last``)."""
+
+    # DCP async_save: stage the state to CPU memory, write it in a background thread while training goes on (at most
+    # one in flight; `latest` moves only to complete checkpoints). DeepSpeed writes its own format synchronously.
+    async_save: bool = False
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
 
@@ -186,6 +195,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     resume: str = "auto"  # auto | none | <checkpoint dir or run dir>
 
