@@ -109,9 +109,11 @@ class Engine(ABC):
         """Collective: sample continuations of ``idx`` [1, T]; the ids on rank 0 (None elsewhere)."""
 
     @abstractmethod
-    def save(self, ckpt_dir: Path) -> None:
+    def save(self, ckpt_dir: Path, dcp_save=None) -> None:
         """Collective: model, optimizer, scheduler and scaler state into ``ckpt_dir`` (meta.json and the
-        per-rank trainer state are written by train/checkpoint.py)."""
+        per-rank trainer state are written by train/checkpoint.py). ``dcp_save`` replaces
+        ``torch.distributed.checkpoint.save`` for the DCP part (train/checkpoint.py passes ``async_save``);
+        an engine with its own format ignores it and writes synchronously."""
 
     @abstractmethod
     def load(self, ckpt_dir: Path, meta: dict) -> None:
@@ -359,14 +361,14 @@ class NativeEngine(Engine):
 
     # ------------------------------------------------------------ checkpoints (DCP, the plain model's names)
 
-    def save(self, ckpt_dir):
+    def save(self, ckpt_dir, dcp_save=None):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         with warnings.catch_warnings():  # one process without a group: DCP says it saves without one; it does
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
+            (dcp_save or dcp.save)({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
         if self.dist.is_main:
             sched = {"scheduler": self.scheduler.state_dict()}
             if self.scaler is not None:
