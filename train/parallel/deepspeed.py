@@ -272,8 +272,9 @@ class DeepSpeedEngine(Engine):
     def meta(self):
         return {**super().meta(), "zero_stage": self.stage, "ds_tag": DS_TAG}
 
-    def save(self, ckpt_dir):
-        """Collective: DeepSpeed's model/optimizer partitions under <ckpt>/ds/, the schedule beside them."""
+    def save(self, ckpt_dir, dcp_save=None):
+        """Collective: DeepSpeed's model/optimizer partitions under <ckpt>/ds/, the schedule beside them. Always
+        synchronous (``dcp_save`` is ignored): DeepSpeed writes its own format, not DCP."""
         ckpt_dir = Path(ckpt_dir)
         self.engine.save_checkpoint(str(ckpt_dir), tag=DS_TAG, save_latest=False)
         if self.dist.is_main:
