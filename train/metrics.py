@@ -145,6 +145,17 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(event)
 
+    def rollback(self, to_step: int, event: Mapping[str, Any]) -> None:
+        """The run went back to ``to_step`` (a spike rollback): drop the events after it, keep earlier markers
+        (spikes, rollbacks), then log ``event``."""
+        self._file.close()
+        self.events = [e for e in self.events if e["step"] <= to_step or "event" in e]
+        tmp = self.path.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in self.events))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")  # noqa: SIM115
+        self.log(event)
+
     @property
     def plot_path(self) -> Path:
         return self.run_dir / "loss.png"

@@ -25,6 +25,7 @@ from train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng
 from train.distributed import DistInfo, any_rank
 from train.metrics import MetricsLogger, format_line, memory_gb, peak_flops
 from train.ops.errors import EXIT_INTERRUPTED, EXIT_NAN, EXIT_OK, EXIT_PREEMPTED
+from train.ops.spike import OK, ROLLBACK, SpikeGuard
 from train.sample import generate_text
 
 log = logging.getLogger("train")
@@ -78,6 +79,14 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0  # training wall time of earlier (resumed) segments
         self.nan_skips = 0
+        # global samples drawn from the loader (trained on or skipped): the data position the spike guard's
+        # skipped ranges [start, end) refer to
+        self.global_batch = t.micro_batch_size * t.grad_accum * spec.dims.dp_size
+        self.samples = 0
+        self.skip_ranges: list[list[int]] = []
+        self.rollbacks = 0
+        self.guard = SpikeGuard(t.spike) if t.spike.enabled else None
+        self._step_starts: dict[int, int] = {}  # step -> its first global sample (recent steps)
         self.wandb_id: str | None = None
         self.signals = SignalFlag()
         self.logger: MetricsLogger | None = None
@@ -93,13 +102,20 @@ class Trainer:
 
     def extra_state(self) -> dict:
         return {"trainer": {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed + self._seg_time(),
-                            "nan_skips": self.nan_skips, "wandb_id": self.wandb_id},
+                            "nan_skips": self.nan_skips, "wandb_id": self.wandb_id, "samples": self.samples,
+                            "skip_ranges": [list(r) for r in self.skip_ranges], "rollbacks": self.rollbacks,
+                            "spike": self.guard.state_dict() if self.guard is not None else None},
                 "data": self.train_loader.state_dict(), "rng": rng_state()}
 
     def load_extra(self, extra: dict) -> None:
         tr = extra["trainer"]
         self.step, self.tokens, self.elapsed = int(tr["step"]), int(tr["tokens"]), float(tr["elapsed"])
         self.nan_skips, self.wandb_id = int(tr["nan_skips"]), tr.get("wandb_id")
+        self.samples = int(tr.get("samples", self.step * self.global_batch))  # older checkpoints: no skipped data
+        self.skip_ranges = [list(map(int, r)) for r in tr.get("skip_ranges", [])]
+        self.rollbacks = int(tr.get("rollbacks", 0))
+        if self.guard is not None and tr.get("spike") is not None:
+            self.guard.load_state_dict(tr["spike"])
         self.train_loader.load_state_dict(extra["data"])
         set_rng_state(extra["rng"])
 
@@ -221,7 +237,7 @@ class Trainer:
         t, dist, engine = self.cfg.train, self.dist, self.engine
         device = dist.device
         nan_steps = {int(s) for s in t.fault_nan_steps}
-        it = iter(self.train_loader)
+        self._it = iter(self.train_loader)
         self._t0 = time.perf_counter()
         t_log, tokens_log = self._t0, self.tokens
         loss_sum = torch.zeros((), device=device)  # summed step losses since the last log (on device)
@@ -232,23 +248,45 @@ class Trainer:
                 time.sleep(3 * self.cfg.strategy.timeout_s + 5)
             if t.fault_slow_rank == dist.rank:  # fault injection: a slow rank (every step takes fault_slow_s longer)
                 time.sleep(t.fault_slow_s)
+            self._skip_bad_data()
+            start = self.samples
+            corrupt = _overlaps(start, start + self.global_batch, t.fault_corrupt_samples)  # fault injection
             step_loss = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
                 # the loader may draw from torch's global RNG (DataLoader base seed); keep that off the
                 # training stream (dropout) so a resumed run replays it exactly
                 with torch.random.fork_rng(devices=[]):
-                    x, y = next(it)
+                    x, y = next(self._it)
+                if corrupt:  # fault injection (train.fault_corrupt_samples): wrong targets, a loss spike
+                    y = (y + 12345) % self.spec.gpt_config.vocab_size
                 if t.trace_samples:
                     self._trace_batch(x, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 # fault injection (train.fault_nan_steps): a NaN loss, hence NaN gradients, as after an overflow
                 poison = self.step + 1 in nan_steps
                 step_loss += engine.micro_step(x, y, last=micro == t.grad_accum - 1, poison=poison)
+            verdict, score, spike_loss = OK, 0.0, 0.0
+            if self.guard is not None:  # judged before the update: a spike's update is skipped
+                spike_loss = engine.dp_mean(step_loss.clone()).item()
+                verdict, score = self.guard.check(self.step + 1, spike_loss)
+                if verdict != OK:  # NaN gradients on top: the engine skips the update like a non-finite step
+                    engine.micro_step(x, y, last=True, poison=True)
             stats = engine.step()
             grad_norm, skipped, lr = stats.grad_norm, stats.skipped, stats.lr
             self.step += 1
             self.tokens += self.tokens_per_step
-            if skipped:
+            self.samples = start + self.global_batch
+            self._step_starts[self.step] = start
+            self._step_starts.pop(self.step - 4 * t.spike.repeat_window - 8, None)
+            if verdict != OK:
+                self._log_spike(spike_loss, score, verdict)
+                if verdict == ROLLBACK:
+                    self._rollback()
+                    loss_sum.zero_()
+                    n_sum = 0
+                    t_log, tokens_log = time.perf_counter(), self.tokens
+                    continue
+            elif skipped:
                 self._handle_skip(step_loss)
             else:
                 self.nan_skips = 0
@@ -290,6 +328,52 @@ class Trainer:
             log.info(figures)
         return EXIT_OK
 
+    # ------------------------------------------------------------ loss spikes (train/ops/spike.py)
+
+    def _skip_bad_data(self) -> None:
+        """Draw and drop the micro-batches of every step whose samples lie in a range a rollback skipped."""
+        while _overlaps(self.samples, self.samples + self.global_batch, *self.skip_ranges):
+            for _ in range(self.cfg.train.grad_accum):
+                with torch.random.fork_rng(devices=[]):
+                    next(self._it)
+            self.samples += self.global_batch
+
+    def _log_spike(self, loss: float, score: float, verdict: str) -> None:
+        s = self.cfg.train.spike
+        if self.dist.is_main:
+            what = "z-score" if s.method == "zscore" else "ratio to the EMA"
+            log.warning(f"step {self.step}: loss spike (loss {loss:.4f}, {what} {score:.1f} > {s.threshold}): update "
+                        f"skipped ({len(self.guard.spikes)}/{s.repeat} within {s.repeat_window} steps)")
+            self.logger.log({"step": self.step, "event": "spike", "spike_loss": loss, "spike_score": score})
+
+    def _rollback(self) -> None:
+        """Repeated spikes: back to the last checkpoint, skipping the samples from the first spike to now."""
+        s = self.cfg.train.spike
+        first = self.guard.first_recent_spike()
+        bad = [self._step_starts.get(first, self.samples - self.global_batch), self.samples]
+        last = latest_checkpoint(self.run_dir)
+        if self.rollbacks >= s.max_rollbacks or last is None:
+            why = (f"after {self.rollbacks} rollback(s) (train.spike.max_rollbacks={s.max_rollbacks})"
+                   if last is not None else "and there is no checkpoint to roll back to")
+            raise StopTraining(EXIT_NAN, f"error: step {self.step}: loss spikes repeated ({len(self.guard.spikes)} "
+                                         f"within {s.repeat_window} steps) {why}; stopped. Last good checkpoint: "
+                                         f"{last if last is not None else 'none'}")
+        self.ckpt.wait()
+        last = latest_checkpoint(self.run_dir)
+        at, ranges, rollbacks = self.step, [*self.skip_ranges, bad], self.rollbacks + 1
+        self.resume(last)
+        self.skip_ranges, self.rollbacks = ranges, rollbacks
+        self.guard.clear_spikes()
+        self._it = iter(self.train_loader)
+        if self.dist.is_main:
+            log.warning(f"step {at}: loss spikes repeated: rolled back to {last.name} (step {self.step}) and skipping "
+                        f"global samples [{bad[0]}, {bad[1]}) (rollback {rollbacks}/{s.max_rollbacks})")
+            self.logger.rollback(self.step, {"step": at, "event": "rollback", "to_step": self.step,
+                                             "skip_samples": bad, "rollbacks": rollbacks})
+        # the checkpoint rolled back to is written again with the skipped range in its state: a crash and resume
+        # from it never replays the bad samples
+        self.save(wait=True)
+
     def _handle_skip(self, step_loss: torch.Tensor) -> None:
         """A step whose gradients were not finite was skipped. With loss scaling that is routine
         (the scale was too high) unless the loss itself is not finite."""
@@ -314,6 +398,11 @@ class Trainer:
             log.warning(f"received {name}: finished step {self.step}, saved a checkpoint, exiting with code "
                         f"{code} ({took:.1f} s from signal to exit)")
         return code
+
+
+def _overlaps(start: int, end: int, *ranges) -> bool:
+    """True when [start, end) overlaps any [a, b) of ``ranges`` (empty ranges and lists never do)."""
+    return any(len(r) == 2 and start < int(r[1]) and int(r[0]) < end for r in ranges)
 
 
 def _flops_per_token(gpt_config, seq_len: int) -> float:
