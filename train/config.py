@@ -14,6 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from train.data.config import DataConfig  # the data engineer's dataclass defines data.* keys
+from train.ops.spike import SpikeConfig, validate_spike  # train.spike.*
 
 
 @dataclass
@@ -168,7 +169,10 @@ class TrainConfig:
     fault_enospc_steps: list[int] = field(default_factory=list)  # saving at these steps hits "no space left"
     fault_slow_rank: int | None = None  # this rank sleeps train.fault_slow_s in every step (a straggler)
     fault_slow_s: float = 0.0
+    fault_corrupt_samples: list[int] = field(default_factory=list)  # [a, b): steps drawing these global samples
+    # get wrong targets (a loss spike)
     trace_samples: bool = False  # each rank writes trace/rank<r>.jsonl with hashes of its samples
+    spike: SpikeConfig = field(default_factory=SpikeConfig)  # the loss-spike guard (train/ops/spike.py)
 
 
 @dataclass
@@ -221,6 +225,8 @@ def validate(cfg) -> None:
     for key in ("eval_every", "eval_steps", "ckpt_every", "sample_every", "sample_tokens", "keep_last"):
         _check(t[key] >= 0, f"train.{key}={t[key]} must be >= 0")
     _check(t.max_nan_skips >= 1, f"train.max_nan_skips={t.max_nan_skips} must be >= 1")
+    spike_problem = validate_spike(t.spike)
+    _check(spike_problem is None, spike_problem or "")
     from train.parallelize import AC_MODES
 
     _check(t.activation_checkpointing in AC_MODES,
