@@ -3,13 +3,10 @@ that stop a bad layout before any process group or run dir exists."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from helpers import TINY, init_gloo, make_cfg, one_line_error, run_train, spawn
+from helpers import TINY, make_cfg, one_line_error, run_train
 
-from train.parallel.dims import DIM_NAMES, ParallelDims
+from train.parallel.dims import ParallelDims
 
 
 def dims(strategy: str = "single", world: int = 1, replicate_degree: int = 1, **parallel) -> ParallelDims:
@@ -108,36 +105,5 @@ def test_cli_bad_layout_exits_2_before_any_group(tmp_path, overrides, world, pat
     assert not run.exists()
 
 
-# ---------------------------------------------------------------- the mesh itself (4 gloo ranks)
-
-
-def _mesh_worker(rank: int, world: int, port: int, out: Path) -> None:
-    init_gloo(rank, world, port)
-    import torch.distributed as dist
-
-    d = ParallelDims(dp_replicate=1, dp_shard=2, tp=2)
-    mesh = d.mesh
-    got = {"names": list(mesh.mesh_dim_names), "coord": mesh.get_coordinate(), "want": d.coordinate(rank),
-           "tp_ranks": dist.get_process_group_ranks(d.tp_mesh.get_group()),
-           "dp_ranks": dist.get_process_group_ranks(d.dp_mesh.get_group()),
-           "fsdp_ranks": dist.get_process_group_ranks(d.fsdp_mesh.get_group())}
-    gathered = [None] * world
-    dist.all_gather_object(gathered, got)
-    if rank == 0:
-        out.write_text(json.dumps(gathered))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_one_mesh_and_its_submeshes(tmp_path):
-    """dp_shard=2 x tp=2: the mesh is named (pp, dp_replicate, dp_shard, tp); each rank's mesh coordinate
-    is the arithmetic one the data loader uses; TP groups are contiguous ranks, dp / FSDP groups stride."""
-    out = tmp_path / "mesh.json"
-    spawn(_mesh_worker, 4, out)
-    g = json.loads(out.read_text())
-    for rank, r in enumerate(g):
-        assert r["names"] == list(DIM_NAMES)
-        assert r["coord"] == [r["want"][k] for k in DIM_NAMES]
-        assert r["tp_ranks"] == [rank - rank % 2, rank - rank % 2 + 1]
-        assert r["dp_ranks"] == r["fsdp_ranks"] == [rank % 2, rank % 2 + 2]
+# the mesh itself (4 gloo ranks: coordinates, TP / dp / FSDP submesh ranks): test_tp.test_one_mesh_and_its_submeshes,
+# in test_tp's shared 4-rank group

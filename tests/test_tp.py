@@ -20,6 +20,7 @@ from helpers import (
     ckpt,
     corpus_overrides,
     init_gloo,
+    leave_gloo,
     losses_by_step,
     make_cfg,
     session_run,
@@ -81,8 +82,7 @@ def _train(engine, batches) -> list[float]:
     return losses
 
 
-def _families_worker(rank: int, world: int, port: int, out: Path) -> None:
-    init_gloo(rank, world, port)
+def _families(rank: int, world: int) -> dict:
     results = {}
     for name, extra in FAMILIES.items():
         batches = _batches(512)
@@ -93,30 +93,51 @@ def _families_worker(rank: int, world: int, port: int, out: Path) -> None:
             val = float(tp_engine.eval_loss(*batches[0]))
         results[name] = {"single": single, "tp": got, "val": val,
                          "single_val": float(_engine(_cfg(name, extra), 1, 0).eval_loss(*batches[0]))}
+    return results
+
+
+def _shared_worker(rank: int, world: int, port: int, out: Path, parts: list[str]) -> None:
+    """One spawned gloo group for several in-process checks (each spawn costs seconds of start-up on 2 cores):
+    rank 0 writes {part: result}."""
+    init_gloo(rank, world, port)
+    results = {part: PARTS[part](rank, world) for part in parts}
     if rank == 0:
         out.write_text(json.dumps(results))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_gloo()
 
 
-def test_tp2_equals_one_process_for_every_family(tmp_path):
+def _spawned(tmp_path_factory, world: int) -> dict:
+    """The results of every in-process part for a ``world``-rank group, computed once per module."""
+    out = tmp_path_factory.mktemp(f"tp_world{world}") / "results.json"
+    spawn(_shared_worker, world, out, WORLD_PARTS[world])
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    return _spawned(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> dict:
+    return _spawned(tmp_path_factory, 4)
+
+
+def test_tp2_equals_one_process_for_every_family(two_ranks):
     """tp=2 with sequence parallel and the vocabulary-parallel loss: the single-process losses within 1e-5
     for 10 steps of every family (MHA, GQA split, MQA replicated, Falcon's parallel block with one or two
     LayerNorms, Gemma's tied scaled embedding, RoPE and learned positions)."""
-    out = tmp_path / "families.json"
-    spawn(_families_worker, 2, out)
-    results = json.loads(out.read_text())
+    results = two_ranks["families"]
     assert set(results) == set(FAMILIES)
     for name, r in results.items():
         assert len(r["tp"]) == len(r["single"]) == STEPS
         assert r["single"][-1] < r["single"][0] - 0.1, f"{name}: the reference does not learn"
-        for step, (a, b) in enumerate(zip(r["tp"], r["single"]), 1):
+        for step, (a, b) in enumerate(zip(r["tp"], r["single"], strict=True), 1):
             assert abs(a - b) <= 1e-5, f"{name} step {step}: tp=2 loss {a!r} vs one process {b!r}"
         assert r["val"] < r["single_val"], f"{name}: eval after training is not below the untrained eval"
 
 
-def _memory_worker(rank: int, world: int, port: int, out: Path) -> None:
-    init_gloo(rank, world, port)
+def _memory(rank: int, world: int) -> list[dict]:
     from torch.distributed.tensor import DTensor
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
@@ -156,10 +177,7 @@ def _memory_worker(rank: int, world: int, port: int, out: Path) -> None:
                      "vocab_sized": [s for s in per_token if s[-1] >= vocab]}
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, report)
-    if rank == 0:
-        out.write_text(json.dumps(gathered))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    return gathered
 
 
 def _numel(shape: list[int]) -> int:
@@ -170,15 +188,14 @@ def _numel(shape: list[int]) -> int:
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp2xdp_shard2"])
-def test_tp_state_bytes_and_no_full_logits(tmp_path, world):
+def test_tp_state_bytes_and_no_full_logits(request, world):
     """gpt2-tiny (50257-token vocabulary, tied embedding): local parameter + optimizer bytes per rank are
     <= 0.55x one process under tp=2 and <= 0.30x under dp_shard=2 x tp=2; during a TP step no rank
     creates a [B, T, vocab] tensor: every op's output is watched (local shapes), and of the per-token
     tensors ([B, T, *] or [B*T, *]) none is vocabulary-wide, while the logit-like ones (the local logits,
     their fp32 copy, the loss's temporaries) are at most vocab / tp wide."""
-    out = tmp_path / "mem.json"
-    spawn(_memory_worker, world, out)
-    reports = json.loads(out.read_text())
+    reports = request.getfixturevalue({2: "two_ranks", 4: "four_ranks"}[world])["memory"]
+    assert len(reports) == world
     bound = 0.55 if world == 2 else 0.30
     for rank, r in enumerate(reports):
         ref = r["single"]["params"] + r["single"]["optimizer"]
@@ -191,30 +208,54 @@ def test_tp_state_bytes_and_no_full_logits(tmp_path, world):
             assert shape[-1] <= tp["shard"], f"rank {rank}: per-token tensor {shape} is wider than V/tp"
 
 
-def _rng_worker(rank: int, world: int, port: int, out: Path) -> None:
-    init_gloo(rank, world, port)
+def _rng(rank: int, world: int) -> list[dict]:
     cfg = make_cfg(model__n_layer=1, model__dropout=0.5, train__seq_len=T, train__device="cpu", parallel__tp=2,
                    parallel__dp_replicate=2, parallel__dp_shard=1)
     engine = _engine(cfg, world, rank)
     mask = (engine.raw.drop(torch.ones(64)) != 0).int().tolist()  # the embedding dropout after the build
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, {"dp_rank": engine.dims.dp_rank(rank), "mask": mask})
-    if rank == 0:
-        out.write_text(json.dumps(gathered))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    return gathered
 
 
-def test_dropout_streams_differ_across_replicas_and_agree_within_tp(tmp_path):
+def test_dropout_streams_differ_across_replicas_and_agree_within_tp(four_ranks):
     """model.dropout>0 on dp_replicate=2 x tp=2: the two replicas draw different masks, the two TP ranks
     of a replica the same one (their embedding dropout runs on replicated activations)."""
-    out = tmp_path / "rng.json"
-    spawn(_rng_worker, 4, out)
-    g = json.loads(out.read_text())
+    g = four_ranks["rng"]
     assert [r["dp_rank"] for r in g] == [0, 0, 1, 1]
     assert g[0]["mask"] == g[1]["mask"] and g[2]["mask"] == g[3]["mask"]
     assert g[0]["mask"] != g[2]["mask"], "two data-parallel replicas drew the same dropout mask"
     assert 10 < sum(g[0]["mask"]) < 54  # p=0.5 really drops
+
+
+def _mesh(rank: int, world: int) -> list[dict]:
+    import torch.distributed as dist
+
+    from train.parallel.dims import ParallelDims
+
+    d = ParallelDims(dp_replicate=1, dp_shard=2, tp=2)
+    mesh = d.mesh
+    got = {"names": list(mesh.mesh_dim_names), "coord": mesh.get_coordinate(), "want": d.coordinate(rank),
+           "tp_ranks": dist.get_process_group_ranks(d.tp_mesh.get_group()),
+           "dp_ranks": dist.get_process_group_ranks(d.dp_mesh.get_group()),
+           "fsdp_ranks": dist.get_process_group_ranks(d.fsdp_mesh.get_group())}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, got)
+    return gathered
+
+
+def test_one_mesh_and_its_submeshes(four_ranks):
+    """dp_shard=2 x tp=2: the mesh is named (pp, dp_replicate, dp_shard, tp); each rank's mesh coordinate
+    is the arithmetic one the data loader uses; TP groups are contiguous ranks, dp / FSDP groups stride."""
+    from train.parallel.dims import DIM_NAMES
+
+    g = four_ranks["mesh"]
+    assert len(g) == 4
+    for rank, r in enumerate(g):
+        assert r["names"] == list(DIM_NAMES)
+        assert r["coord"] == [r["want"][k] for k in DIM_NAMES]
+        assert r["tp_ranks"] == [rank - rank % 2, rank - rank % 2 + 1]
+        assert r["dp_ranks"] == r["fsdp_ranks"] == [rank % 2, rank % 2 + 2]
 
 
 # ---------------------------------------------------------------- through the trainer (torchrun -m train)
@@ -324,8 +365,7 @@ def test_export_from_tp_checkpoint_matches_transformers(tmp_path_factory, tmp_pa
         assert (init(x) - a).abs().max().item() > 1e-2
 
 
-def _fp16_worker(rank: int, world: int, port: int, out: Path) -> None:
-    init_gloo(rank, world, port)
+def _precision(rank: int, world: int) -> dict:
     fp16 = {"precision__name": "fp16", "precision__param_dtype": "float16", "precision__autocast": True,
             "precision__grad_scaler": True}
     results = {}
@@ -340,19 +380,15 @@ def _fp16_worker(rank: int, world: int, port: int, out: Path) -> None:
     bf16 = {"precision__name": "bf16", "precision__param_dtype": "bfloat16", "precision__autocast": True}
     for label, keys, w, r in (("bf16_single", {}, 1, 0), ("bf16_tp2", {"parallel__tp": 2}, world, rank)):
         results[label] = _train(_engine(_cfg("llama-tiny", {}, **bf16, **keys), w, r), _batches(512, 6))
-    if rank == 0:
-        out.write_text(json.dumps(results))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    return results
 
 
-def test_tp2_mixed_precision_agrees_with_one_process(tmp_path):
+def test_tp2_mixed_precision_agrees_with_one_process(two_ranks):
     """precision=fp16 (autocast + GradScaler) under tp=2: the losses follow the one-process fp16 run within
     fp16 rounding (1e-3), and an injected NaN makes both skip the same step and halve the scale;
     precision=bf16 follows the one-process bf16 run within bf16 rounding."""
-    out = tmp_path / "fp16.json"
-    spawn(_fp16_worker, 2, out)
-    r = json.loads(out.read_text())
+    r = two_ranks["precision"]
+    assert len(r["tp2"]) == len(r["single"]) == 6 and len(r["bf16_tp2"]) == len(r["bf16_single"]) == 6
     for step, (a, b) in enumerate(zip(r["tp2"], r["single"]), 1):
         assert a[1:] == b[1:], f"step {step}: (skipped, scale) {a[1:]} vs one process {b[1:]}"
         if step != 3:
@@ -362,3 +398,8 @@ def test_tp2_mixed_precision_agrees_with_one_process(tmp_path):
     # bf16 autocast: within bf16 rounding of the one-process bf16 run
     for step, (a, b) in enumerate(zip(r["bf16_tp2"], r["bf16_single"]), 1):
         assert abs(a - b) <= 2e-2, f"step {step}: bf16 loss {a} vs {b}"
+
+
+# the in-process parts, by the group they run in (one spawn per world size: see _shared_worker)
+PARTS = {"families": _families, "memory": _memory, "precision": _precision, "rng": _rng, "mesh": _mesh}
+WORLD_PARTS = {2: ["families", "memory", "precision"], 4: ["memory", "rng", "mesh"]}

@@ -15,6 +15,7 @@ from helpers import (
     ckpt,
     corpus_overrides,
     init_gloo,
+    leave_gloo,
     losses_by_step,
     make_cfg,
     session_run,
@@ -90,10 +91,16 @@ def test_zero1_through_the_trainer_matches_single_process(tmp_path_factory):
 # ---------------------------------------------------------------- in-process, 2 spawned ranks
 
 
-def _zero_worker(rank: int, world_size: int, port: int, out_dir: str, stage: int = 3) -> None:
+def _zero_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """ZeRO-3, then ZeRO-1, in one spawned group (a spawn costs seconds of DeepSpeed start-up per rank)."""
     init_gloo(rank, world_size, port)
+    results = {stage: _zero_stage(rank, world_size, stage) for stage in (3, 1)}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    leave_gloo()
+
+
+def _zero_stage(rank: int, world_size: int, stage: int) -> dict:
     import deepspeed
-    import torch.distributed as dist
 
     from train.distributed import DistInfo
     from train.parallel.deepspeed import DeepSpeedEngine
@@ -127,17 +134,22 @@ def _zero_worker(rank: int, world_size: int, port: int, out_dir: str, stage: int
             diff = max(diff, (p.data - ref[n].data).abs().max().item())
     result["max_param_diff"] = diff
     result["bytes"], result["single_bytes"] = engine.state_bytes(), single.state_bytes()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()  # leave together (gloo can abort a rank that tears down while its peer still works)
-    dist.destroy_process_group()
+    return result
 
 
-def test_zero3_init_state_bytes_and_one_step(tmp_path):
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory) -> list[dict]:
+    """Per rank: {"3": ZeRO-3's result, "1": ZeRO-1's} from one spawned 2-rank group."""
+    out = tmp_path_factory.mktemp("zero_in_process")
+    spawn(_zero_worker, 2, str(out))
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_zero3_init_state_bytes_and_one_step(in_process):
     """Built under zero.Init (no rank holds the model), initial weights == single-process init, one
     step == the single-process step, and each rank holds half the parameters and AdamW moments."""
-    spawn(_zero_worker, 2, str(tmp_path))
     for rank in range(2):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        r = in_process[rank]["3"]
         assert r["partitioned"] and r["init_equal"]
         assert r["max_param_diff"] < 1e-6, r["max_param_diff"]
         assert abs(r["grad_norm"][0] - r["grad_norm"][1]) < 1e-5 * r["grad_norm"][1], r["grad_norm"]
@@ -147,12 +159,11 @@ def test_zero3_init_state_bytes_and_one_step(tmp_path):
         assert abs(b["master"] / s["params"] - 0.5) < 0.05  # ZeRO's fp32 master partition, reported apart
 
 
-def test_zero1_one_step_and_state_bytes(tmp_path):
+def test_zero1_one_step_and_state_bytes(in_process):
     """ZeRO-1 on 2 ranks: whole parameters on each rank, one step == the single-process step, and each
     rank holds half the AdamW moments."""
-    spawn(_zero_worker, 2, str(tmp_path), 1)
     for rank in range(2):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        r = in_process[rank]["1"]
         assert not r["partitioned"] and r["init_equal"]
         assert r["max_param_diff"] < 1e-6, r["max_param_diff"]
         assert abs(r["grad_norm"][0] - r["grad_norm"][1]) < 1e-5 * r["grad_norm"][1], r["grad_norm"]
