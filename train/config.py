@@ -92,7 +92,11 @@ class ParallelConfig:
     dp_replicate: int | None = None  # data-parallel replicas (DDP; with dp_shard > 1: HSDP's replicas)
     dp_shard: int | None = None  # FSDP2 shard group; -1 = the rest of the world
     tp: int | None = None  # tensor (+ sequence) parallel degree; must divide n_head
-    pp: int | None = None  # pipeline stages: reserved, must be 1
+    pp: int | None = None  # pipeline-parallel ranks (train/parallel/pipeline.py)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | interleaved_zero_bubble | zero_bubble (ZB-V)
+    pp_microbatches: int | None = None  # per optimizer step; null = train.grad_accum if >= pp, else a multiple of pp
+    pp_stages_per_rank: int | None = None  # virtual stages per rank (interleaved: default 2; zero_bubble: 2)
+    pp_layers_per_stage: list[int] | None = None  # explicit blocks per stage; null = balanced (ends weighed in)
 
 
 @dataclass
@@ -161,6 +165,10 @@ class TrainConfig:
     sample_temperature: float = 0.8
     sample_top_k: int | None = 200
     max_nan_skips: int = 3  # consecutive non-finite steps skipped before the run stops
+    # hang watchdog (train/ops/watchdog.py): a rank stuck this long in one phase of a step writes its stacks to
+    # <run.dir>/hang/rank<N>.txt and the job exits 4, naming the ranks behind; 0 = off
+    hang_timeout_s: float = 0.0
+    straggler_ratio: float = 2.0  # name a rank whose step time is this x the median (every log_every); 0 = off
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     # test hooks (fault injection): the loss of these steps becomes NaN
     fault_nan_steps: list[int] = field(default_factory=list)
@@ -225,6 +233,9 @@ def validate(cfg) -> None:
     for key in ("eval_every", "eval_steps", "ckpt_every", "sample_every", "sample_tokens", "keep_last"):
         _check(t[key] >= 0, f"train.{key}={t[key]} must be >= 0")
     _check(t.max_nan_skips >= 1, f"train.max_nan_skips={t.max_nan_skips} must be >= 1")
+    _check(t.hang_timeout_s >= 0, f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 turns the watchdog off)")
+    _check(t.straggler_ratio == 0 or t.straggler_ratio > 1,
+           f"train.straggler_ratio={t.straggler_ratio} must be > 1 (or 0 to turn straggler detection off)")
     spike_problem = validate_spike(t.spike)
     _check(spike_problem is None, spike_problem or "")
     from train.parallelize import AC_MODES
@@ -278,7 +289,7 @@ class RunSpec:
         out["data"]["tokenizer"] = self.tokenizer
         if self.init_from is not None:
             out["model"]["init_from"] = str(self.init_from)
-        out["parallel"] = {k: v for k, v in self.dims.as_dict().items()}
+        out["parallel"].update(self.dims.as_dict())
         return out
 
 
@@ -330,6 +341,11 @@ def resolve(cfg, world_size: int) -> RunSpec:
     validate(cfg)
     gpt, init_from = build_gpt_config(cfg)
     dims = ParallelDims.resolve(cfg.strategy.name, cfg.parallel, world_size, int(cfg.strategy.replicate_degree))
+    if dims.pp > 1:
+        from train.parallel.pipeline import check_pipeline
+
+        check_pipeline(dims.pp, cfg.parallel, gpt.n_layer, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                       compile=bool(cfg.train.compile), fsdp=dims.fsdp)
     if dims.tp > 1:
         check_tp_divides(gpt.n_head, gpt.n_kv_head, dims.tp)
         _check(cfg.train.seq_len % dims.tp == 0, f"train.seq_len={cfg.train.seq_len} must be a multiple of "

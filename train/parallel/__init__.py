@@ -59,6 +59,10 @@ def build_engine(cfg, spec, dist: DistInfo) -> Engine:
         from train.parallel.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, spec, dist)
+    if spec.dims.pp > 1:
+        from train.parallel.pipeline import PipelineEngine
+
+        return PipelineEngine(cfg, spec, dist)
     from train.parallel.engine import NativeEngine
 
     return NativeEngine(cfg, spec, dist)

@@ -6,12 +6,13 @@ tensor-parallel group is a run of contiguous ranks (one node), then the FSDP sha
 replicas, then pipeline stages outermost. Every process group a component needs is a submesh of it:
 
     tp_mesh     the tensor-parallel group                          mesh["tp"]
+    pp group    the pipeline stages of one model replica            mesh["pp"] (train/parallel/pipeline.py)
     fsdp_mesh   FSDP2's mesh: dp_shard, or dp_replicate x dp_shard  (HSDP)
     dp_mesh     the data-parallel ranks (dp_replicate x dp_shard flattened): data loading, loss means
 
 ``strategy=single|ddp|fsdp|hsdp|zero1|zero2|zero3`` are shorthands: they fill in the dims the user did
 not set (``parallel.*`` left at null). DeepSpeed ZeRO is a data-parallel engine: it never combines
-with tp or pp.
+with tp or pp. Replicas next to tp or pp are HSDP (FSDP2 with a replicate dim), not DDP.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ class ParallelDims:
                 allowed = "an integer >= 1, or -1 for the rest of the world" if k.startswith("dp") else "an integer >= 1"
                 raise ValueError(f"parallel.{k}={v} must be {allowed}")
         tp, pp = given["tp"] or 1, given["pp"] or 1
-        if pp != 1:
-            raise ValueError(f"parallel.pp={pp}: pipeline parallelism is not implemented yet; parallel.pp must be 1")
         if strategy in DEEPSPEED:
+            if pp != 1:
+                raise ValueError(f"parallel.pp={pp} does not combine with strategy={strategy}: DeepSpeed ZeRO is "
+                                 f"data-parallel only here; use strategy=fsdp parallel.pp={pp} (FSDP2 shards each "
+                                 f"stage over the dp_shard ranks, like ZeRO-3)")
             if tp != 1:
                 raise ValueError(f"parallel.tp={tp} does not combine with strategy={strategy}: DeepSpeed ZeRO is "
                                  f"data-parallel only here; use strategy=fsdp parallel.tp={tp} (FSDP2 shards "
@@ -87,7 +90,8 @@ class ParallelDims:
                              f"size is {world_size}; their product must equal it")
         engine = "deepspeed" if strategy in DEEPSPEED else "native"
         return cls(dp_replicate=rep, dp_shard=shard, tp=tp, pp=pp, engine=engine,
-                   fsdp=engine == "native" and (shard > 1 or strategy in ("fsdp", "hsdp") or (tp > 1 and rep > 1)))
+                   fsdp=engine == "native" and (shard > 1 or strategy in ("fsdp", "hsdp")
+                                                or ((tp > 1 or pp > 1) and rep > 1)))
 
     # ------------------------------------------------------------ sizes and coordinates (no process group needed)
 

@@ -299,6 +299,10 @@ class NativeEngine(Engine):
                 state = self.scaler._per_optimizer_states[id(self.optimizer)]
                 for flag in state["found_inf_per_device"].values():
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return self._finish_step()
+
+    def _finish_step(self) -> StepStats:
+        """After unscaling: the global norm, clipping, the update (skipped when not finite), the schedule."""
         params, norm = self._grad_norm()
         clip = self.cfg.optim.grad_clip
         if clip > 0:
@@ -336,7 +340,7 @@ class NativeEngine(Engine):
     def generate(self, idx, max_new_tokens, *, temperature, top_k, generator, vocab_limit):
         from model.gpt import sample_next
 
-        if not self.sharded:  # whole weights on rank 0: its KV-cached decoder
+        if not self.sharded and self.dims.pp == 1:  # whole weights on rank 0: its KV-cached decoder
             if not self.dist.is_main:
                 return None
             with self.precision.autocast_ctx():
@@ -353,11 +357,19 @@ class NativeEngine(Engine):
             n = ctx.shape[1]
             if n % tp:
                 ctx = torch.cat([ctx, ctx.new_zeros(ctx.shape[0], tp - n % tp)], dim=1)
-            logits = self._forward_eval(ctx)[:, n - 1]  # [1, V] (vocabulary shards under TP)
-            if isinstance(logits, DTensor):
-                logits = logits.full_tensor()
-            out = torch.cat([out, sample_next(logits, temperature, top_k, generator, vocab_limit)], dim=1)
+            logits = self._forward_eval(ctx)  # [1, T, V] (vocabulary shards under TP; None off the last stage)
+            tok = None
+            if logits is not None:
+                logits = logits[:, n - 1]
+                if isinstance(logits, DTensor):
+                    logits = logits.full_tensor()
+                tok = sample_next(logits, temperature, top_k, generator, vocab_limit)
+            out = torch.cat([out, self._share_token(tok, out[:, :1])], dim=1)
         return out if self.dist.is_main else None
+
+    def _share_token(self, tok: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """The sampled token [1, 1] on every rank (here every rank sampled the same one)."""
+        return tok
 
     # ------------------------------------------------------------ checkpoints (DCP, the plain model's names)
 
