@@ -79,11 +79,11 @@ def test_activation_checkpointing_keeps_loss_and_gradients(mode):
 
 
 def test_training_with_document_mask_lowers_val_loss(tmp_path):
-    code, run_dir = train_in_process(tmp_path / "run", *TINY, "data.document_mask=true", "train.max_steps=20",
-                                     "train.eval_steps=4", "optim.lr=3e-3")
+    code, run_dir = train_in_process(tmp_path / "run", *TINY, "data.document_mask=true", "train.max_steps=14",
+                                     "train.eval_steps=2", "optim.lr=6e-3")
     assert code == 0
     val = [e["val_loss"] for e in read_metrics(run_dir) if "val_loss" in e]
-    assert len(val) == 2 and val[-1] < val[0] - 1.0, val  # 10.8 (ln 50257) -> about 8
+    assert len(val) == 2 and val[-1] < val[0] - 1.0, val  # 10.8 (ln 50257) -> 9.5 in 14 steps
     import json
 
     meta = json.loads(next((run_dir / "checkpoints").glob("step_*/meta.json")).read_text())
