@@ -26,6 +26,8 @@ from train.distributed import DistInfo, any_rank
 from train.metrics import MetricsLogger, format_line, memory_gb, peak_flops
 from train.ops.errors import EXIT_INTERRUPTED, EXIT_NAN, EXIT_OK, EXIT_PREEMPTED
 from train.ops.spike import OK, ROLLBACK, SpikeGuard
+from train.ops.straggler import find_straggler, gather_times
+from train.ops.watchdog import HangWatchdog
 from train.sample import generate_text
 
 log = logging.getLogger("train")
@@ -87,6 +89,8 @@ class Trainer:
         self.rollbacks = 0
         self.guard = SpikeGuard(t.spike) if t.spike.enabled else None
         self._step_starts: dict[int, int] = {}  # step -> its first global sample (recent steps)
+        self.watchdog: HangWatchdog | None = None
+        self._times = [0.0, 0.0, 0]  # since the last log: local step seconds, data-wait seconds, steps
         self.wandb_id: str | None = None
         self.signals = SignalFlag()
         self.logger: MetricsLogger | None = None
@@ -212,6 +216,8 @@ class Trainer:
             log.info(f"MFU reference: {peak / 1e12:.3g} TFLOP/s per device ({peak_src}); "
                      f"{flops_per_token / 1e6:.2f} MFLOP/token; {self.tokens_per_step:,} tokens/step")
         self.signals.install()
+        if t.hang_timeout_s > 0:
+            self.watchdog = HangWatchdog(self.run_dir, dist.rank, dist.world_size, t.hang_timeout_s).start(self.step)
         code, message = EXIT_OK, None
         try:
             if self.step == 0 and t.eval_steps > 0:
@@ -222,6 +228,8 @@ class Trainer:
             self.ckpt.wait()  # every rank stops here together: the save in flight completes and is published
         finally:
             self.signals.restore()
+            if self.watchdog is not None:
+                self.watchdog.stop()
             if self._trace is not None:
                 self._trace.close()
         if dist.is_main and self.logger is not None:
@@ -244,10 +252,10 @@ class Trainer:
         n_sum = 0
         last_val: float | None = None
         while self.step < t.max_steps:
+            t_step = time.perf_counter()
+            self._phase("data")
             if t.fault_stall_rank == dist.rank and self.step + 1 == 2:  # fault injection: a hung peer
-                time.sleep(3 * self.cfg.strategy.timeout_s + 5)
-            if t.fault_slow_rank == dist.rank:  # fault injection: a slow rank (every step takes fault_slow_s longer)
-                time.sleep(t.fault_slow_s)
+                _stall_in_step(3 * self.cfg.strategy.timeout_s + 5)
             self._skip_bad_data()
             start = self.samples
             corrupt = _overlaps(start, start + self.global_batch, t.fault_corrupt_samples)  # fault injection
@@ -255,8 +263,12 @@ class Trainer:
             for micro in range(t.grad_accum):
                 # the loader may draw from torch's global RNG (DataLoader base seed); keep that off the
                 # training stream (dropout) so a resumed run replays it exactly
+                self._phase("data")
+                t_data = time.perf_counter()
                 with torch.random.fork_rng(devices=[]):
                     x, y = next(self._it)
+                self._times[1] += time.perf_counter() - t_data
+                self._phase("forward-backward")
                 if corrupt:  # fault injection (train.fault_corrupt_samples): wrong targets, a loss spike
                     y = (y + 12345) % self.spec.gpt_config.vocab_size
                 if t.trace_samples:
@@ -271,6 +283,7 @@ class Trainer:
                 verdict, score = self.guard.check(self.step + 1, spike_loss)
                 if verdict != OK:  # NaN gradients on top: the engine skips the update like a non-finite step
                     engine.micro_step(x, y, last=True, poison=True)
+            self._phase("optimizer")
             stats = engine.step()
             grad_norm, skipped, lr = stats.grad_norm, stats.skipped, stats.lr
             self.step += 1
@@ -292,7 +305,14 @@ class Trainer:
                 self.nan_skips = 0
                 loss_sum += step_loss
                 n_sum += 1
+            if t.fault_slow_rank == dist.rank:  # fault injection: a slow rank (every step takes fault_slow_s longer)
+                time.sleep(t.fault_slow_s)
+            self._times[0] += time.perf_counter() - t_step  # this rank's arrival at the step's meeting point
+            self._times[2] += 1
+            self._phase("sync")
             stop = any_rank(self.signals.signum is not None)
+            if self.watchdog is not None:
+                self.watchdog.completed(self.step)
             final = self.step == t.max_steps
             if self.step % t.log_every == 0 or final or stop:
                 now = time.perf_counter()
@@ -304,6 +324,8 @@ class Trainer:
                          "mfu": tps * flops_per_token / (peak * dist.world_size),
                          "mem_gb": memory_gb(device), "time": self.elapsed + (now - self._t0)}
                 event.update(getattr(self.train_loader, "metrics", dict)())  # data.mixture: tokens/epochs per source
+                self._phase("log")
+                event.update(self._stragglers())
                 if self.logger is not None:
                     self.logger.log(event)
                     log.info(format_line(event))
@@ -311,9 +333,12 @@ class Trainer:
                 n_sum = 0
                 t_log, tokens_log = time.perf_counter(), self.tokens
             if ((t.eval_every and self.step % t.eval_every == 0) or final) and t.eval_steps > 0:
+                self._phase("eval")
                 last_val = self._log_eval()
             if ((t.sample_every and self.step % t.sample_every == 0) or final) and t.sample_tokens > 0:
+                self._phase("sample")
                 self._log_sample()
+            self._phase("checkpoint")
             self.ckpt.poll()  # publish a background save whose write finished (collective)
             if (t.ckpt_every and self.step % t.ckpt_every == 0) or final or stop:
                 self.save(wait=final or stop)
@@ -327,6 +352,25 @@ class Trainer:
                 figures += f", val loss {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.2f})"
             log.info(figures)
         return EXIT_OK
+
+    def _phase(self, name: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.phase(name)
+
+    def _stragglers(self) -> dict:
+        """Collective at log steps (distributed runs): name a rank much slower than the median (train/ops/straggler.py)."""
+        ratio_limit = self.cfg.train.straggler_ratio
+        step_s, data_s, n = self._times
+        self._times = [0.0, 0.0, 0]
+        if not self.dist.enabled or ratio_limit <= 0:
+            return {}
+        times = gather_times(step_s, data_s, n)
+        slow, ratio = find_straggler(times, ratio_limit)
+        if slow is not None and self.dist.is_main:
+            log.warning(f"step {self.step}: straggler: rank {slow} takes {times[slow][0]:.3f} s per step, {ratio:.1f}x "
+                        f"the median of the other ranks (data wait {times[slow][1]:.3f} s per step; "
+                        f"train.straggler_ratio={ratio_limit:g})")
+        return {"straggler_rank": slow, "straggler_ratio": ratio}
 
     # ------------------------------------------------------------ loss spikes (train/ops/spike.py)
 
@@ -398,6 +442,12 @@ class Trainer:
             log.warning(f"received {name}: finished step {self.step}, saved a checkpoint, exiting with code "
                         f"{code} ({took:.1f} s from signal to exit)")
         return code
+
+
+def _stall_in_step(seconds: float) -> None:
+    """Fault injection (train.fault_stall_rank): this rank stops making progress inside a step (a named function,
+    so the hang watchdog's stack file shows where it is)."""
+    time.sleep(seconds)
 
 
 def _overlaps(start: int, end: int, *ranges) -> bool:
