@@ -9,21 +9,24 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    CHAR,
+    CHAR_BASE,
     assert_losses_close,
     build_engine_of,
-    char_run,
     ckpt,
     corpus_overrides,
     init_gloo,
     leave_gloo,
     losses_by_step,
     make_cfg,
+    one_line_error,
     session_run,
     single_losses,
     single_run,
     spawn,
     tiny_cfg,
     tiny_gpt_config,
+    train_in_process,
 )
 
 pytest.importorskip("deepspeed")
@@ -213,20 +216,19 @@ def test_ds_config_bad_values(overrides, message):
         build_ds_config(cfg, world_size=2)
 
 
-def test_malformed_ds_config_json_is_one_line_error(tmp_path_factory, tmp_path):
-    """End to end: `python -m train strategy=zero3 strategy.ds_config=bad.json` exits 2 with one line
-    naming the file and the position, and leaves no run dir behind."""
+def test_malformed_ds_config_json_is_one_line_error(tmp_path_factory, tmp_path, capsys):
+    """train.main.run (what `python -m train` calls, in this process: no second DeepSpeed start-up) with
+    strategy=zero3 strategy.ds_config=bad.json returns 2 with one line naming the file and the position, and
+    leaves no run dir behind."""
     bad = tmp_path / "bad.json"
     bad.write_text('{\n  "zero_optimization": {"stage": 3,}\n}\n')
-    run_dir = tmp_path / "run"
-    proc = char_run(run_dir, [*corpus_overrides(tmp_path_factory), "strategy=zero3", f"strategy.ds_config={bad}"],
-                     check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    code, run_dir = train_in_process(tmp_path / "run", *CHAR.overrides, *CHAR_BASE, *corpus_overrides(tmp_path_factory),
+                                     "strategy=zero3", f"strategy.ds_config={bad}")
+    assert code == 2
     want = f"error: strategy.ds_config={bad}: malformed JSON at line 2 column 36: " \
            f"Expecting property name enclosed in double quotes"
-    assert err == [want], proc.stderr[-2000:]
-    assert not (run_dir / "metrics.jsonl").exists()
+    assert one_line_error(capsys.readouterr().err) == want
+    assert not run_dir.exists()
 
 
 def test_zero3_on_one_process_runs_as_world_size_1(tmp_path_factory):
