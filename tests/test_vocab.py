@@ -3,9 +3,11 @@ a smaller one is a one-line error before training."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
-from helpers import one_line_error, run_train
+from helpers import one_line_error, train_in_process
 
 from model import GPT, GPTConfig
 
@@ -34,11 +36,14 @@ def test_generate_never_draws_ids_beyond_the_limit():
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "gemma-tiny", "falcon-tiny"])
-def test_bigger_model_vocabulary_trains_and_samples_with_gpt2(tmp_path, preset):
+def test_bigger_model_vocabulary_trains_and_samples_with_gpt2(tmp_path, preset, caplog):
     """Every family's tiny preset (128256 / 256000 / 65024 ids) with the gpt2 tokenizer (50257) on Shakespeare:
-    the run ends with exit 0 and a decoded sample; train.sample decodes from the checkpoint (gemma-tiny)."""
-    res = run_train(tmp_path / "run", f"model={preset}", *SHORT, timeout=600)
-    assert "sample at step 2:" in res.stdout and "text sample failed" not in res.stdout, res.stdout[-2000:]
+    the run (train.main.run, in process) ends with exit 0 and a decoded sample; train.sample decodes from the
+    checkpoint through its command line (gemma-tiny)."""
+    caplog.set_level(logging.INFO, logger="train")
+    code, _ = train_in_process(tmp_path / "run", f"model={preset}", *SHORT)
+    assert code == 0, caplog.text[-2000:]
+    assert "sample at step 2:" in caplog.text and "text sample failed" not in caplog.text, caplog.text[-2000:]
     if preset != "gemma-tiny":  # the CLI once, on the largest vocabulary (the suite's time budget)
         return
     import subprocess
@@ -52,9 +57,9 @@ def test_bigger_model_vocabulary_trains_and_samples_with_gpt2(tmp_path, preset):
     assert sample.returncode == 0, sample.stderr[-2000:]
 
 
-def test_smaller_model_vocabulary_is_one_line_error(tmp_path):
-    res = run_train(tmp_path / "run", "model=gpt2-tiny", "model.vocab_size=1000", *SHORT, check=False)
-    assert res.returncode == 2, res.explain()
-    assert one_line_error(res.stderr) == ("error: the tokenizer 'gpt2' has 50257 tokens but model.vocab_size=1000; "
-                                          "use a model with vocab_size >= 50257")
-    assert not (tmp_path / "run").exists()
+def test_smaller_model_vocabulary_is_one_line_error(tmp_path, capsys):
+    code, run_dir = train_in_process(tmp_path / "run", "model=gpt2-tiny", "model.vocab_size=1000", *SHORT)
+    assert code == 2
+    assert one_line_error(capsys.readouterr().err) == ("error: the tokenizer 'gpt2' has 50257 tokens but "
+                                                       "model.vocab_size=1000; use a model with vocab_size >= 50257")
+    assert not run_dir.exists()
