@@ -1,8 +1,10 @@
-"""Hang watchdog and straggler detection on 2 real gloo ranks (torchrun): a rank that sleeps inside a step
-(train.fault_stall_rank) and a rank made slower by a fault hook (train.fault_slow_rank)."""
+"""Multi-rank operations on 2 real gloo ranks (torchrun): the hang watchdog (a rank that sleeps inside a step,
+train.fault_stall_rank), straggler detection (a rank made slower by train.fault_slow_rank) and the profiler
+(train.profile.steps: one Chrome trace per rank with the loop's labelled regions)."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -45,7 +47,19 @@ def test_a_rank_slowed_3x_is_named_as_straggler_within_two_log_intervals(tmp_pat
                      res.stdout), res.stdout[-3000:]
 
 
-def test_no_straggler_is_named_when_ranks_are_even(tmp_path):
-    res = run_train(tmp_path / "run", *DDP, "train.max_steps=4", "train.log_every=2", nproc=2, timeout=300)
+def test_even_ranks_name_no_straggler_and_the_profiler_writes_a_trace_per_rank(tmp_path):
+    res = run_train(tmp_path / "run", *DDP, "train.max_steps=4", "train.log_every=2", "train.profile.steps=[2,3]",
+                    nproc=2, timeout=300)
     events = [e for e in read_metrics(res.run_dir) if "loss" in e]
     assert all(e["straggler_rank"] is None and 1.0 <= e["straggler_ratio"] < 2.0 for e in events), events
+    traces = sorted((res.run_dir / "profile").iterdir())
+    assert [p.name for p in traces] == ["rank0.trace.json", "rank1.trace.json"]
+    for path in traces:
+        names = {e.get("name", "") for e in json.loads(path.read_text())["traceEvents"]}
+        regions = {n for n in names if n.startswith("lmforge/")}
+        assert regions == {"lmforge/data_wait", "lmforge/forward_backward", "lmforge/optimizer", "lmforge/sync"}
+        assert any(n.startswith("autograd::engine::evaluate_function:") for n in names)  # backward
+        assert any("allreduce" in n.replace("_", "").lower() for n in names), sorted(names)[:50]  # communication
+    # two steps recorded: each region twice per rank
+    steps = [e for e in json.loads(traces[0].read_text())["traceEvents"] if e.get("name") == "lmforge/optimizer"]
+    assert len(steps) == 2

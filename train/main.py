@@ -184,6 +184,11 @@ def _run(cfg: DictConfig, run_dir: Path, rank: int, created: bool) -> int:
         if path is None:
             traceback.print_exception(e)
         where = f"full traceback in {path}" if path is not None else "traceback above"
+        if isinstance(e, torch.OutOfMemoryError):
+            from train.ops.profiler import dump_oom_snapshot
+
+            snap = dump_oom_snapshot(run_dir, rank)
+            where += f"; CUDA memory snapshot in {snap}" if snap is not None else ""
         print(f"error: internal error during {phase} on rank {rank}: {type(e).__name__}: {_one_line(e, 300)} "
               f"({where}; run dir and checkpoints kept)", file=sys.stderr)
         return EXIT_INTERNAL

@@ -25,6 +25,7 @@ from train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng
 from train.distributed import DistInfo, any_rank
 from train.metrics import MetricsLogger, format_line, memory_gb, peak_flops
 from train.ops.errors import EXIT_INTERRUPTED, EXIT_NAN, EXIT_OK, EXIT_PREEMPTED
+from train.ops.profiler import StepProfiler, region
 from train.ops.spike import OK, ROLLBACK, SpikeGuard
 from train.ops.straggler import find_straggler, gather_times
 from train.ops.watchdog import HangWatchdog
@@ -90,6 +91,7 @@ class Trainer:
         self.guard = SpikeGuard(t.spike) if t.spike.enabled else None
         self._step_starts: dict[int, int] = {}  # step -> its first global sample (recent steps)
         self.watchdog: HangWatchdog | None = None
+        self.profiler = StepProfiler(t.profile, self.run_dir, dist.rank, dist.device)
         self._times = [0.0, 0.0, 0]  # since the last log: local step seconds, data-wait seconds, steps
         self.wandb_id: str | None = None
         self.signals = SignalFlag()
@@ -230,6 +232,7 @@ class Trainer:
             self.signals.restore()
             if self.watchdog is not None:
                 self.watchdog.stop()
+            self.profiler.finish()
             if self._trace is not None:
                 self._trace.close()
         if dist.is_main and self.logger is not None:
@@ -253,6 +256,7 @@ class Trainer:
         last_val: float | None = None
         while self.step < t.max_steps:
             t_step = time.perf_counter()
+            self.profiler.step_begins(self.step + 1)
             self._phase("data")
             if t.fault_stall_rank == dist.rank and self.step + 1 == 2:  # fault injection: a hung peer
                 _stall_in_step(3 * self.cfg.strategy.timeout_s + 5)
@@ -265,7 +269,7 @@ class Trainer:
                 # training stream (dropout) so a resumed run replays it exactly
                 self._phase("data")
                 t_data = time.perf_counter()
-                with torch.random.fork_rng(devices=[]):
+                with region("data_wait"), torch.random.fork_rng(devices=[]):
                     x, y = next(self._it)
                 self._times[1] += time.perf_counter() - t_data
                 self._phase("forward-backward")
@@ -276,7 +280,8 @@ class Trainer:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 # fault injection (train.fault_nan_steps): a NaN loss, hence NaN gradients, as after an overflow
                 poison = self.step + 1 in nan_steps
-                step_loss += engine.micro_step(x, y, last=micro == t.grad_accum - 1, poison=poison)
+                with region("forward_backward"):
+                    step_loss += engine.micro_step(x, y, last=micro == t.grad_accum - 1, poison=poison)
             verdict, score, spike_loss = OK, 0.0, 0.0
             if self.guard is not None:  # judged before the update: a spike's update is skipped
                 spike_loss = engine.dp_mean(step_loss.clone()).item()
@@ -284,7 +289,8 @@ class Trainer:
                 if verdict != OK:  # NaN gradients on top: the engine skips the update like a non-finite step
                     engine.micro_step(x, y, last=True, poison=True)
             self._phase("optimizer")
-            stats = engine.step()
+            with region("optimizer"):
+                stats = engine.step()
             grad_norm, skipped, lr = stats.grad_norm, stats.skipped, stats.lr
             self.step += 1
             self.tokens += self.tokens_per_step
@@ -310,7 +316,9 @@ class Trainer:
             self._times[0] += time.perf_counter() - t_step  # this rank's arrival at the step's meeting point
             self._times[2] += 1
             self._phase("sync")
-            stop = any_rank(self.signals.signum is not None)
+            with region("sync"):
+                stop = any_rank(self.signals.signum is not None)
+            self.profiler.step_ends(self.step)
             if self.watchdog is not None:
                 self.watchdog.completed(self.step)
             final = self.step == t.max_steps

@@ -6,7 +6,7 @@ The training loop names the phase it is in (``data``, ``forward-backward``, ``op
 
 1. writes the Python stacks of all its threads to ``<run.dir>/hang/rank<N>.txt`` (``faulthandler``: works while
    the main thread is blocked inside a C++ collective), headed by its last completed step and current phase;
-   on CUDA with ``TORCH_NCCL_TRACE_BUFFER_SIZE`` set, also the NCCL flight recorder (``nccl_trace_rank<N>.pkl``);
+   on CUDA with ``TORCH_NCCL_TRACE_BUFFER_SIZE`` set, also the NCCL flight recorder (``hang/nccl/nccl_trace_<N>``);
 2. rank 0 waits briefly for the other ranks' files (the run dir is shared by all ranks) and prints one line
    naming the ranks that are behind the others (an earlier step, or an earlier phase of the same step);
 3. the process exits with code 4 (EXIT_DIST) -- the main thread may be stuck in C++, so ``os._exit``.
@@ -97,8 +97,10 @@ class HangWatchdog:
 
             if not torch.cuda.is_available():
                 return
-            trace = torch._C._distributed_c10d._dump_nccl_trace()  # the flight recorder's pickled entries
-            (self.dir / f"nccl_trace_rank{self.rank}.pkl").write_bytes(trace)
+            trace = torch._C._distributed_c10d._dump_nccl_trace()  # the flight recorder's pickled entries (NCCL builds)
+            # named <prefix>_<rank> in a dir of their own, as torch.distributed.flight_recorder.fr_trace reads them
+            (self.dir / "nccl").mkdir(exist_ok=True)
+            (self.dir / "nccl" / f"nccl_trace_{self.rank}").write_bytes(trace)
         except Exception as e:  # noqa: BLE001 - diagnostics must never mask the hang report
             print(f"warning: rank {self.rank}: NCCL flight recorder dump failed ({type(e).__name__}: {e})",
                   file=sys.stderr)
