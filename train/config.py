@@ -14,6 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from train.data.config import DataConfig  # the data engineer's dataclass defines data.* keys
+from train.ops.profiler import ProfileConfig, validate_profile  # train.profile.*
 from train.ops.spike import SpikeConfig, validate_spike  # train.spike.*
 
 
@@ -185,6 +186,7 @@ class TrainConfig:
     # get wrong targets (a loss spike)
     trace_samples: bool = False  # each rank writes trace/rank<r>.jsonl with hashes of its samples
     spike: SpikeConfig = field(default_factory=SpikeConfig)  # the loss-spike guard (train/ops/spike.py)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler traces (train/ops/profiler.py)
 
 
 @dataclass
@@ -243,6 +245,8 @@ def validate(cfg) -> None:
     _check(t.hang_timeout_s >= 0, f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 turns the watchdog off)")
     _check(t.straggler_ratio == 0 or t.straggler_ratio > 1,
            f"train.straggler_ratio={t.straggler_ratio} must be > 1 (or 0 to turn straggler detection off)")
+    profile_problem = validate_profile(t.profile)
+    _check(profile_problem is None, profile_problem or "")
     spike_problem = validate_spike(t.spike)
     _check(spike_problem is None, spike_problem or "")
     from train.parallelize import AC_MODES
