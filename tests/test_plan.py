@@ -478,7 +478,7 @@ def test_cli_dims_equal_plan(capsys):
     (["tp=3", "gpus=3"], ["tp=3 must divide n_head=4"]),
     (["strategy=zero3", "tp=2"], ["cannot combine with tp=2", "strategy=fsdp dp_shard=-1 tp=2"]),
     (["strategy=zero1", "tp=2", "gpus=2"], ["DeepSpeed"]),
-    (["pp=2"], ["pp=2", "pipeline parallelism is not implemented yet"]),
+    (["pp=2", "strategy=zero3"], ["cannot combine with pp=2", "strategy=fsdp"]),  # pp > 1 is planned: see test_plan_pp
     (["strategy=single", "gpus=2"], ["strategy=single runs on one GPU", "= 2", "tp=2"]),
     (["dp_replicate=-1", "dp_shard=-1"], ["at most one"]),
     (["dp_shard=0"], ["dp_shard=0", "-1"]),

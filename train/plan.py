@@ -5,9 +5,16 @@
     python -m train.plan --model gpt2-124m --strategy ddp --json
 
 Parallel dims are the trainer's `parallel.*` group: tp, dp_shard (-1 = the rest of the world),
-dp_replicate and pp (reserved: 1), with tp x pp x dp_replicate x dp_shard = nodes x gpus; `strategy`
-stays a shorthand (ddp = dp_replicate, fsdp = dp_shard, hsdp = both, zero* = DeepSpeed over the
-data-parallel dims, never with tp). docs/parallelism.md says how to pick them.
+dp_replicate and pp, with tp x pp x dp_replicate x dp_shard = nodes x gpus; `strategy` stays a
+shorthand (ddp = dp_replicate, fsdp = dp_shard, hsdp = both, zero* = DeepSpeed over the data-parallel
+dims, never with tp or pp). Under pp > 1 the plan is per pipeline rank (`pipeline_memory`): the
+binding memory is the fullest rank's, the step time includes the schedule's bubble and the
+point-to-point activation traffic. docs/parallelism.md says how to pick them;
+
+    python -m train.plan model=falcon-40b --search nodes=4 gpus=8
+
+enumerates the layouts (tp, pp, dp_replicate, dp_shard, micro-batch, AC, schedule), drops those that
+do not fit and ranks the rest by estimated tokens/s (`search`).
 
 Every figure is an analytic estimate from the model's shape (built on the `meta` device: free for 40B)
 and the strategy's storage rules; docs/performance.md states each rule and how it was validated
@@ -41,18 +48,22 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, NoReturn
 
 from model.loss import chunk_tokens as fused_chunk_tokens
 from train.loss import LOSS_IMPLS
 from train.loss import chunk_tokens as loss_chunk_tokens
 from train.metrics import GPU_DATASHEETS
+from train.parallel.pipeline import SCHEDULES as _PP_SCHEDULES
+from train.parallel.pipeline import ZERO_BUBBLE, PipelineLayout, bubble_fraction, check_pipeline
 
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")
 OFFLOADS = ("none", "optimizer", "params")
 PRECISIONS = ("fp32", "bf16", "fp16")
 AC_MODES = ("none", "selective", "full")
 OPTIMIZERS = ("fused", "foreach", "forloop")
+PP_SCHEDULES = tuple(_PP_SCHEDULES)
 
 # the GPUs whose datasheet carries every precision the planner models (train/metrics.py holds the figures)
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -92,7 +103,11 @@ class PlanArgs:
     hsdp_shard: int = 0  # hsdp: GPUs in one shard group (0 = one node); replicas = nodes * gpus / hsdp_shard
     # the trainer's parallel.* dims; None = what `strategy` implies (see `resolve_dims`)
     tp: int = 1  # tensor (+ sequence) parallel degree: contiguous ranks, inside a node when it fits
-    pp: int = 1  # pipeline parallel degree: reserved, only 1 is accepted until pipeline parallelism lands
+    pp: int = 1  # pipeline parallel degree (train/parallel/pipeline.py); the pp_* fields are the trainer's
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | interleaved_zero_bubble | zero_bubble
+    pp_microbatches: int | None = None  # per optimizer step; None = the trainer's default (check_pipeline)
+    pp_stages_per_rank: int | None = None  # virtual stages per rank (interleaved: 2 by default; zero_bubble: 2)
+    pp_layers_per_stage: list[int] | None = None  # explicit blocks per stage; None = balanced (split_layers)
     dp_replicate: int | None = None  # data-parallel replicas (DDP, or the replicated dim of HSDP)
     dp_shard: int | None = None  # FSDP2 shard group size; -1 = the rest of the world
     optimizer: str = "fused"  # AdamW kernel: fused (no step temporaries) | foreach | forloop (torch's CPU default)
@@ -107,6 +122,7 @@ class PlanArgs:
         _choice("ac", self.ac, AC_MODES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        _choice("pp_schedule", self.pp_schedule, PP_SCHEDULES)
         for name in ("nodes", "gpus", "micro_batch", "grad_accum", "seq_len", "tp", "pp"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -184,17 +200,19 @@ def resolve_dims(a: PlanArgs) -> Dims:
     Shorthands: single = dp_shard=-1 (only with explicit dims: alone it is one GPU); ddp = dp_replicate=-1;
     fsdp = dp_shard=-1; hsdp = dp_shard=one node's TP groups (hsdp_shard GPUs when given) x dp_replicate=-1;
     zero1-3 = DeepSpeed over dp_shard=-1 (data parallel only: no tp). -1 = the rest of the world. The
-    native engine is FSDP2 when strategy is fsdp/hsdp, dp_shard > 1, or tp > 1 with replicas (DDP cannot
-    hold TP's DTensor parameters); else DDP when dp_replicate > 1; else none.
+    native engine is FSDP2 when strategy is fsdp/hsdp, dp_shard > 1, or tp > 1 or pp > 1 with replicas (DDP
+    cannot hold TP's DTensor parameters; under PP data parallelism is FSDP2 / HSDP per stage, as
+    train/parallel/dims.py resolves it); else DDP when dp_replicate > 1; else none.
     """
     world = a.nodes * a.gpus
     tp, pp = a.tp, a.pp
-    if pp != 1:
-        raise ValueError(f"pp={pp}: pipeline parallelism is not implemented yet; pp must be 1")
     for name in ("dp_replicate", "dp_shard"):
         v = getattr(a, name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < -1 or v == 0):
             raise ValueError(f"{name}={v!r} must be an integer >= 1, or -1 for the rest of the world")
+    if a.strategy.startswith("zero") and pp > 1:
+        raise ValueError(f"strategy={a.strategy} is DeepSpeed data parallelism and cannot combine with pp={pp}; "
+                         f"use the native FSDP2 per stage (strategy=fsdp dp_shard=-1 pp={pp})")
     if a.strategy.startswith("zero") and tp > 1:
         raise ValueError(f"strategy={a.strategy} is DeepSpeed data parallelism and cannot combine with tp={tp}; "
                          f"use the native FSDP2 with tp (strategy=fsdp dp_shard=-1 tp={tp})")
@@ -222,7 +240,7 @@ def resolve_dims(a: PlanArgs) -> Dims:
                          f"but nodes x gpus = {a.nodes} x {a.gpus} = {world}")
     if a.strategy.startswith("zero"):
         engine = a.strategy
-    elif shard > 1 or a.strategy in ("fsdp", "hsdp") or (tp > 1 and rep_ > 1):
+    elif shard > 1 or a.strategy in ("fsdp", "hsdp") or ((tp > 1 or pp > 1) and rep_ > 1):
         engine = "hsdp" if rep_ > 1 else "fsdp"
     else:
         engine = "ddp" if rep_ > 1 else "single"
@@ -663,6 +681,13 @@ class Plan:
     tokens_per_s: float
     peak_tflops: float
     assumptions: list[str] = field(default_factory=list)
+    # pipeline parallelism (pp > 1): per pipeline rank, the schedule's bubble and point-to-point time
+    pp_stages: list[dict[str, Any]] = field(default_factory=list)
+    pp_schedule: str | None = None
+    pp_microbatches: int = 0
+    pp_stages_per_rank: int = 0
+    bubble_fraction: float = 0.0
+    p2p_time_s: float = 0.0
 
 
 def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, float]:
@@ -672,6 +697,12 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
     matrices / tp, replicated norms, biases and K/V whole) before the data-parallel sharding.
     """
     d = resolve_dims(a)
+    if d.pp > 1:  # the fullest pipeline rank binds
+        fullest = max(pipeline_memory(a, s), key=lambda x: x.allocated)
+        offloaded = 0.0
+        if a.offload == "params" and d.engine in ("fsdp", "hsdp"):
+            offloaded = fullest.state
+        return fullest.breakdown, fullest.allocated, offloaded
     split = tp_split(s, d.tp)
     engine = d.engine
     per = _state_bytes_per_param(engine, a.precision)
@@ -748,12 +779,198 @@ def memory_bytes(a: PlanArgs, s: ModelShape) -> tuple[dict[str, float], float, f
     return breakdown, allocated, offloaded
 
 
-def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
-    """Answer one planning question (validates `a` first)."""
+# ---- pipeline parallelism ---------------------------------------------------------------------
+
+
+def pipeline_layout(a: PlanArgs, s: ModelShape, d: Dims | None = None) -> PipelineLayout | None:
+    """The trainer's pipeline layout for `a` (train.parallel.pipeline.check_pipeline: the same stages, microbatch
+    count and one-line errors), None without pipeline parallelism."""
+    d = d or resolve_dims(a)
+    if d.pp == 1:
+        return None
+    pcfg = SimpleNamespace(pp_schedule=a.pp_schedule, pp_microbatches=a.pp_microbatches,
+                           pp_stages_per_rank=a.pp_stages_per_rank, pp_layers_per_stage=a.pp_layers_per_stage)
+    return check_pipeline(d.pp, pcfg, s.n_layer, a.micro_batch, a.grad_accum, fsdp=d.engine in ("fsdp", "hsdp"))
+
+
+def in_flight(layout: PipelineLayout, pp_rank: int) -> float:
+    """Microbatches whose activations a pipeline rank holds at its peak, in units of all its blocks (a chunk of
+    an interleaved schedule is 1/v of them).
+
+    gpipe            all m microbatches (every forward before any backward);
+    1f1b             min(m, pp - r) on rank r (its warm-up forwards + the one in steady state);
+    interleaved_*    Megatron-LM's warm-up: min(m v, 2 (pp - r - 1) + (v - 1) pp + 1) chunks of 1/v of the
+                     rank's blocks (rank 0: about (1 + (pp - 1) / (pp v)) x 1F1B's);
+    zero_bubble      (ZB-V) min(m, pp) microbatches on every rank (the V placement balances them).
+    """
+    pp, m, v = layout.pp, layout.n_microbatches, layout.stages_per_rank
+    if layout.schedule == "gpipe":
+        return float(m)
+    if layout.schedule == "1f1b":
+        return float(min(m, pp - pp_rank))
+    if layout.schedule == "zero_bubble":
+        return float(min(m, pp))
+    return min(m * v, 2 * (pp - pp_rank - 1) + (v - 1) * pp + 1) / v
+
+
+def deferred_weight_grads(layout: PipelineLayout, pp_rank: int) -> int:
+    """Microbatches whose weight-gradient pass a zero-bubble schedule defers on rank r (keeping the Linears'
+    inputs and output gradients): up to pp - 1 - r, as in ZB-H1; 0 for the other schedules."""
+    if layout.schedule not in ZERO_BUBBLE:
+        return 0
+    return min(layout.n_microbatches, layout.pp - 1 - pp_rank)
+
+
+def _linear_io_bytes_per_token(s: ModelShape, act: int, tp: int) -> float:
+    """Bytes per token of one block's Linear inputs + output gradients (what a deferred weight gradient needs)."""
+    h, f = s.n_embd, s.ffn_hidden
+    inputs = 2 * h + s.q_dim / tp + f / tp  # gathered q/k/v and MLP inputs, o_proj and down_proj inputs
+    outputs = (s.q_dim + 2 * s.kv_dim) / tp + h + (2 if s.mlp != "gelu" else 1) * f / tp + h
+    return float(act * (inputs + outputs))
+
+
+def _root_local(s: ModelShape, split: TPSplit, names: Sequence[str]) -> int:
+    """Parameters of the root tensors `names` (prefixes) on TP rank 0."""
+    n = 0
+    for name, shape in s.root_tensors:
+        if name.split(".")[0] in names:
+            dim = tp_shard_dim(name, split.kv_replicated) if split.tp > 1 else None
+            n += math.prod(shape) if dim is None else math.prod(shape) // shape[dim] * _chunk(shape[dim], split.tp, 0)
+    return n
+
+
+@dataclass
+class StageMemory:
+    """One pipeline rank's memory (bytes) and what it holds."""
+
+    pp_rank: int
+    stages: list[int]
+    blocks: int
+    first: bool  # holds the embedding
+    last: bool  # holds the final norm, the LM head and the loss
+    params_local: int  # parameters on this rank (one TP rank's share of its stages)
+    breakdown: dict[str, float]
+    allocated: float
+    in_flight: float  # microbatches of activations held at the peak (units of all its blocks)
+    state: float  # parameters + gradients + optimizer states as the engine holds them between steps
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pp_rank": self.pp_rank, "stages": self.stages, "blocks": self.blocks, "first": self.first,
+                "last": self.last, "params": self.params_local, "in_flight": self.in_flight,
+                "state_gib": self.state / GIB, "allocated_gib": self.allocated / GIB,
+                **{f"{k}_gib": v / GIB for k, v in self.breakdown.items()}}
+
+
+def pipeline_memory(a: PlanArgs, s: ModelShape) -> list[StageMemory]:
+    """Per pipeline rank: its stages' parameters (first stage + the embedding; last stage + the final norm and the
+    LM head, with tied embeddings its own copy of the tied weight), their gradients and optimizer states (FSDP2
+    shards them over dp_shard), and activations: `in_flight` microbatches of its blocks' saved tensors, one
+    recomputed block under AC, the LM head's logits and loss buffers for one microbatch on the last stage, the
+    deferred weight-gradient inputs of zero-bubble schedules, and torch.distributed.pipelining's receive buffers
+    (one per microbatch and virtual stage for activations and for their gradients).
+
+    Under FSDP2 torch's pipelining keeps each stage unsharded from its first backward to the step's last
+    (set_reshard_after_backward(False), set_requires_gradient_sync(False)): the gathered compute-dtype
+    parameters and fp32 unsharded gradients are live through the schedule."""
+    d = resolve_dims(a)
+    layout = pipeline_layout(a, s, d)
+    assert layout is not None
+    split = tp_split(s, d.tp)
+    engine, low = d.engine, a.precision != "fp32"
+    per = _state_bytes_per_param(engine, a.precision)
+    shard = _shard_factors(engine, d)
+    act_b = 2 if low else 4
+    autocast = low
+    resid_b = 4 if (not low or engine in ("single", "ddp")) else 2
+    rows = a.micro_batch * a.grad_accum // layout.n_microbatches  # sequences per pipeline microbatch
+    tokens = rows * a.seq_len
+    n_stages, m, v = layout.n_stages, layout.n_microbatches, layout.stages_per_rank
+    message = tokens * s.n_embd * resid_b / d.tp  # one stage boundary's activations (sequence shards under TP)
+    out = []
+    for r in range(d.pp):
+        stages = layout.stages_of(r)
+        blocks = sum(layout.layers[i][1] - layout.layers[i][0] for i in stages)
+        first, last = 0 in stages, n_stages - 1 in stages
+        ends = set()
+        if first:
+            ends |= {"tok_emb", "pos_emb"}
+        if last:
+            ends |= {"norm_f", "lm_head"} | ({"tok_emb"} if s.tie_embeddings else set())
+        root = _root_local(s, split, sorted(ends))
+        N = blocks * split.local_block + root
+        params = N * per["params"] / shard["params"]
+        grads = N * per["grads"] / shard["grads"]
+        optim = N * per["optimizer"] / shard["optimizer"]
+        state = params + grads + optim
+        offloaded = a.offload == "params" and engine in ("fsdp", "hsdp")
+        if offloaded:
+            params = grads = optim = 0.0
+        # activations of one pipeline microbatch through this rank's blocks (and its head, on the last stage)
+        s_r = dataclasses.replace(s, n_layer=blocks)
+        est = activation_bytes(s_r, rows, a.seq_len, a.ac, act_b, resid_b, autocast, fp16=a.precision == "fp16",
+                               split=split, loss_impl=a.loss_impl)
+        k = in_flight(layout, r)
+        acts = k * est.saved_blocks + est.recompute_block
+        if last:
+            acts += est.head_inputs + est.logits + est.loss_temps + est.tied_grad_sum * 4
+        acts += deferred_weight_grads(layout, r) * blocks * _linear_io_bytes_per_token(s, act_b, d.tp) * tokens
+        if low and engine == "single":  # autocast's 16-bit copies of the fp32 weights, alive while in flight
+            acts += 2.0 * N
+        recv = sum(m * message * ((i > 0) + (i < n_stages - 1)) for i in stages)
+        comm = 0.0
+        grads_live = grads
+        if engine in ("fsdp", "hsdp") and not offloaded:
+            gathered = shard["params"] > 1 or low
+            comm = N * act_b if gathered else 0.0
+            if shard["grads"] > 1:
+                grads_live = N * 4.0 + grads  # unsharded fp32 accumulation, then the reduce-scattered shard
+        opt_temp = 0.0 if (a.optimizer == "fused" or offloaded) else (
+            4.0 * N / shard["optimizer"] if a.optimizer == "foreach" else 2 * 4.0 * split.local_largest)
+        allocated = params + optim + comm + recv + max(acts + grads_live, grads + opt_temp)
+        breakdown = {"parameters": params, "gradients": grads_live, "optimizer_states": optim, "activations": acts,
+                     "communication_buffers": comm, "pipeline_buffers": recv, "optimizer_step_temporaries": opt_temp}
+        out.append(StageMemory(pp_rank=r, stages=stages, blocks=blocks, first=first, last=last, params_local=N,
+                               breakdown=breakdown, allocated=allocated, in_flight=k, state=state))
+    return out
+
+
+def _pipeline_times(a: PlanArgs, s: ModelShape, d: Dims, layout: PipelineLayout,
+                    mem: list[StageMemory]) -> tuple[float, float, float]:
+    """(data-parallel seconds per step of the fullest rank, tensor-parallel seconds, point-to-point seconds)."""
+    low = a.precision != "fp32"
+    pb, gb = (2 if low else 4), 4
+    N = max(x.params_local for x in mem)
+    comm = 0.0
+    if d.dp > 1:
+        if d.engine in ("fsdp", "hsdp"):
+            # the stage is gathered once per step (kept unsharded through the schedule) and its gradients
+            # reduce-scattered once; HSDP all-reduces the shards across replicas
+            g, r = d.dp_shard, d.dp_replicate
+            comm = (N * pb + N * gb) * (g - 1) / g / _bandwidth(a, d.tp * g) if g > 1 else 0.0
+            comm += 2 * (N * gb / g) * (r - 1) / r / _bandwidth(a, d.tp * g * r) if r > 1 else 0.0
+        else:
+            comm = 2 * N * gb * (d.dp - 1) / d.dp / _bandwidth(a, d.tp * d.dp)
+    split = tp_split(s, d.tp)
+    blocks = max(x.blocks for x in mem)
+    tp_comm = _tp_comm_time(a, dataclasses.replace(s, n_layer=blocks), d, split)
+    rows = a.micro_batch * a.grad_accum // layout.n_microbatches
+    resid_b = 4 if (not low or d.engine in ("single", "ddp")) else 2
+    message = rows * a.seq_len * s.n_embd * resid_b / d.tp
+    stride = d.world // d.pp  # ranks between two pipeline neighbours (pp is the outermost mesh dim)
+    bw = (a.intra_node_gbps if stride * d.pp <= a.gpus else a.inter_node_gbps) * 1e9
+    p2p = 2 * layout.n_microbatches * layout.stages_per_rank * message / bw
+    return comm, tp_comm, p2p
+
+
+def plan(a: PlanArgs, shape: ModelShape | None = None, *, max_batch: bool = True) -> Plan:
+    """Answer one planning question (validates `a` first). `max_batch=False` skips the search for the largest
+    micro-batch that fits (`max_micro_batch` is then -1)."""
     a.validate()
     s = shape or model_shape(a.model, a.seq_len)
     d = resolve_dims(a)
     split = tp_split(s, d.tp)
+    layout = pipeline_layout(a, s, d)
+    stages = pipeline_memory(a, s) if layout else []
     breakdown, allocated, offloaded = memory_bytes(a, s)
     margin = a.frag * allocated
     context = a.context_gb * GIB
@@ -768,12 +985,22 @@ def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
     # `mfu` is what the kernels achieve on the model's FLOPs without AC; recompute costs time on top;
     # a TP group shares each token's FLOPs (heads and FFN columns split tp ways)
     compute = tokens_replica * hw_flops / d.tp / (peak_tf * 1e12 * a.mfu)
-    comm = _comm_time(a, s, d, split)
-    tp_comm = _tp_comm_time(a, s, d, split)
-    # data-parallel traffic overlaps compute (FSDP prefetch, DDP/ZeRO buckets); TP's collectives sit between
-    # the matmuls that need their results, so they add to the step
-    step = max(compute, comm) + tp_comm
-    b_max = max_micro_batch(a, s)
+    bubble = p2p = 0.0
+    if layout is None:
+        comm = _comm_time(a, s, d, split)
+        tp_comm = _tp_comm_time(a, s, d, split)
+        # data-parallel traffic overlaps compute (FSDP prefetch, DDP/ZeRO buckets); TP's collectives sit between
+        # the matmuls that need their results, so they add to the step
+        step = max(compute, comm) + tp_comm
+    else:
+        # each rank computes its 1/pp of the blocks; the schedule idles a `bubble` fraction of the step;
+        # the activations (forward) and their gradients (backward) cross every stage boundary
+        comm, tp_comm, p2p = _pipeline_times(a, s, d, layout, stages)
+        bubble = layout.bubble_fraction()
+        compute = compute / d.pp / (1 - bubble)
+        tp_comm = tp_comm / (1 - bubble)
+        step = max(compute, comm) + tp_comm + p2p
+    b_max = max_micro_batch(a, s) if max_batch else -1
 
     assumptions = [
         (f"GPU memory {a.gpu_mem_gb} GiB; fragmentation margin {a.frag:.0%} of the allocated peak; "
@@ -783,6 +1010,7 @@ def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
         (f"communication overlapped with compute; {a.intra_node_gbps:g} GB/s intra-node, "
         f"{a.inter_node_gbps:g} GB/s per GPU across nodes"),
         f"AdamW (m, v in fp32), {a.optimizer} step",
+        *(_pipeline_assumptions(a, d, layout) if layout else []),
         ("activations: SDPA/flash attention (no T x T matrix stored); selective AC = op-level (matmul and "
         "attention outputs saved, pointwise ops recomputed)"),
     ]
@@ -826,7 +1054,34 @@ def plan(a: PlanArgs, shape: ModelShape | None = None) -> Plan:
         tokens_per_s=tokens_replica * d.dp / step,
         peak_tflops=peak_tf,
         assumptions=assumptions,
+        pp_stages=[x.as_dict() | {"peak_gib": (x.allocated * (1 + a.frag) + context) / GIB,
+                                  "fits": x.allocated * (1 + a.frag) + context <= capacity} for x in stages],
+        pp_schedule=layout.schedule if layout else None,
+        pp_microbatches=layout.n_microbatches if layout else 0,
+        pp_stages_per_rank=layout.stages_per_rank if layout else 0,
+        bubble_fraction=bubble,
+        p2p_time_s=p2p,
     )
+
+
+def _pipeline_assumptions(a: PlanArgs, d: Dims, layout: PipelineLayout) -> list[str]:
+    stride = d.world // d.pp
+    where = "NVLink" if stride * d.pp <= a.gpus else "the inter-node network"
+    return [
+        (f"pp={d.pp} {layout.schedule}, {layout.n_microbatches} microbatches of "
+         f"{a.micro_batch * a.grad_accum // layout.n_microbatches} sequences, {layout.stages_per_rank} stage(s) per "
+         f"rank, blocks per stage {[b - a_ for a_, b in layout.layers]} (embedding and head weighed as one block "
+         f"each); bubble {layout.bubble_fraction():.1%} = (pp - 1) / (v m + pp - 1) (zero-bubble: 0) stretches "
+         f"compute and TP traffic"),
+        ("in-flight activations per rank r: gpipe all m microbatches, 1f1b min(m, pp - r), interleaved Megatron's "
+         "warm-up min(m v, 2 (pp - r - 1) + (v - 1) pp + 1) chunks of 1/v, zero_bubble (ZB-V) min(m, pp) plus the "
+         "Linears' inputs and output gradients of min(m, pp - 1 - r) deferred weight-gradient passes; "
+         "pipelining's receive buffers: one per microbatch and virtual stage, activations and gradients"),
+        ("FSDP2 under PP: each stage stays unsharded from its first backward to the step's last (compute-dtype "
+         "parameters + fp32 gradients live), gathered and reduce-scattered once per step"
+         if d.engine in ("fsdp", "hsdp") else "no data-parallel sharding of the stages"),
+        f"stage-to-stage activations and gradients over {where}, not overlapped (added to the step)",
+    ]
 
 
 def _bandwidth(a: PlanArgs, span: int) -> float:
@@ -945,7 +1200,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grad_accum", type=int, default=d.grad_accum)
     p.add_argument("--hsdp_shard", type=int, default=d.hsdp_shard, help="hsdp: GPUs per shard group (0: one node)")
     p.add_argument("--tp", type=int, default=d.tp, help="tensor (+ sequence) parallel degree")
-    p.add_argument("--pp", type=int, default=d.pp, help="pipeline parallel degree (reserved: 1)")
+    p.add_argument("--pp", type=int, default=d.pp, help="pipeline parallel degree (stages cut along the blocks)")
+    p.add_argument("--pp_schedule", default=d.pp_schedule, help=f"one of {', '.join(PP_SCHEDULES)}")
+    p.add_argument("--pp_microbatches", type=int, default=None,
+                   help="pipeline microbatches per optimizer step (default: the trainer's: grad_accum if >= pp)")
+    p.add_argument("--pp_stages_per_rank", type=int, default=None,
+                   help="virtual stages per rank (interleaved schedules: 2 by default)")
+    p.add_argument("--pp_layers_per_stage", type=_int_list, default=None,
+                   help="blocks per stage, comma-separated (default: balanced, embedding and head weighed in)")
     p.add_argument("--dp_replicate", type=int, default=None, help="data-parallel replicas (default: from --strategy)")
     p.add_argument("--dp_shard", type=int, default=None,
                    help="FSDP2 shard group size, -1 = the rest of the world (default: from --strategy)")
@@ -964,6 +1226,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loss_impl", default=d.loss_impl, help=f"train.loss_impl: one of {', '.join(LOSS_IMPLS)}")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.strip("[]").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
 def _option(key: str) -> str:
@@ -1020,11 +1289,28 @@ def format_plan(p: Plan) -> str:
     ]
     if p.cpu_offload_gib_per_node:
         lines.append(f"  CPU memory per node for offload: {p.cpu_offload_gib_per_node:.1f} GiB")
+    if p.pp_stages:
+        lines += [
+            "",
+            (f"pipeline: {p.pp_schedule}, {p.pp_microbatches} microbatches, {p.pp_stages_per_rank} stage(s) per rank, "
+             f"bubble {p.bubble_fraction:.1%}; per pipeline rank (GiB; the fullest binds):"),
+            (f"  {'rank':>4} {'stages':<8}{'blocks':>7}{'holds':>12}{'in flight':>10}{'params':>8}{'grads':>7}"
+             f"{'optim':>7}{'acts':>7}{'comm':>7}{'p2p':>6}{'peak':>8}"),
+        ]
+        for x in p.pp_stages:
+            holds = "+".join(n for n, on in (("emb", x["first"]), ("head", x["last"])) if on) or "-"
+            lines.append(
+                f"  {x['pp_rank']:>4} {','.join(map(str, x['stages'])):<8}{x['blocks']:>7}{holds:>12}"
+                f"{x['in_flight']:>10.2f}{x['parameters_gib']:>8.2f}{x['gradients_gib']:>7.2f}"
+                f"{x['optimizer_states_gib']:>7.2f}{x['activations_gib']:>7.2f}{x['communication_buffers_gib']:>7.2f}"
+                f"{x['pipeline_buffers_gib']:>6.2f}{x['peak_gib']:>8.2f}" + ("" if x["fits"] else "  DOES NOT FIT"))
     lines += [
         "",
         f"FLOPs/token {p.flops_per_token / 1e9:.2f} G (model), {p.hfu_flops_per_token / 1e9:.2f} G (hardware, with AC)",
         (f"step: {p.step_time_s:.3f} s (compute {p.compute_time_s:.3f} s, data-parallel communication "
-        f"{p.comm_time_s:.3f} s overlapped, tensor-parallel communication {p.tp_comm_time_s:.3f} s added), "
+        f"{p.comm_time_s:.3f} s overlapped, tensor-parallel communication {p.tp_comm_time_s:.3f} s added"
+        + (f", pipeline bubble {p.bubble_fraction:.1%} in those, stage-to-stage {p.p2p_time_s:.3f} s added"
+           if p.pp_stages else "") + "), "
         f"{p.tokens_per_step} tokens/step, {p.tokens_per_s:,.0f} tokens/s"),
         "",
         "assumptions:",
