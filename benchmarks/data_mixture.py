@@ -11,8 +11,8 @@ turns `--repeats` times (the best round of each is reported, so a busy neighbour
   memmap, 3-source mixture      data.mixture of the three groups' prepared dirs, weights 0.5 / 0.3 / 0.2
   streaming, one source         data=hf over the plays in 8 .jsonl files: in-process with one tokenizer
                                 thread (the rate of one core) and with `--workers` DataLoader workers
-(`data.mixture` mixes indexed sources only: a Hugging Face stream joins a mixture after `train.prepare`, so
-there is no streaming mixture row.) Tokens/s counts the x tokens of `--batches` micro-batches after `--warmup`.
+  streaming, 3-source mixture   data.mixture of three hf streams (each group's plays in 8 files), 0.5 / 0.3 / 0.2
+Tokens/s counts the x tokens of `--batches` micro-batches after `--warmup`.
 
 Cores per GPU: the consumption of one H100 SXM (989 TFLOP/s dense bf16) at 55% MFU is
 0.55 x 989e12 / flops_per_token (model.stats) tokens/s, for gpt2-124m at seq 1024 and llama3-8b at seq 8192;
@@ -48,8 +48,12 @@ def write_corpus(out: Path) -> dict[str, str]:
         (out / f"group{g}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in plays[g::3]))
     for f in range(8):
         (out / f"stream{f}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in plays[f::8]))
+        for g in range(3):  # each group again as 8 files: a streamed mixture source
+            (out / f"g{g}-stream{f}.jsonl").write_text(
+                "".join(json.dumps({"text": t}) + "\n" for t in plays[g::3][f::8]))
     return {"all": str(out / "group*.jsonl"), "stream": str(out / "stream*.jsonl"),
-            **{f"group{g}": str(out / f"group{g}.jsonl") for g in range(3)}}
+            **{f"group{g}": str(out / f"group{g}.jsonl") for g in range(3)},
+            **{f"g{g}-stream": str(out / f"g{g}-stream*.jsonl") for g in range(3)}}
 
 
 def prepare(glob: str, out: Path) -> str:
@@ -95,7 +99,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         globs = write_corpus(Path(tmp) / "plays")
-        dirs = {k: prepare(g, Path(tmp) / f"tok-{k}") for k, g in globs.items() if k != "stream"}
+        dirs = {k: prepare(g, Path(tmp) / f"tok-{k}") for k, g in globs.items() if "stream" not in k}
         mixture = [{"source": "tokens", "path": dirs[f"group{g}"], "weight": w, "label": f"group{g}"}
                    for g, w in zip(range(3), (0.5, 0.3, 0.2))]
 
@@ -103,11 +107,18 @@ def main() -> int:
             return DataConfig(source="hf", name="json", path=globs["stream"], num_workers=workers, val_docs=1,
                               shuffle=False)
 
+        def stream_mixture(workers: int) -> DataConfig:
+            return DataConfig(num_workers=workers, mixture=[
+                {"source": "hf", "name": "json", "path": globs[f"g{g}-stream"], "val_docs": 1, "shuffle": False,
+                 "weight": w, "label": f"group{g}"} for g, w in zip(range(3), (0.5, 0.3, 0.2))])
+
         configs = {
             "memmap, one source": lambda: DataConfig(source="tokens", path=dirs["all"]),
             "memmap, 3-source mixture": lambda: DataConfig(mixture=mixture),
             "streaming, one source, 1 core": lambda: stream(0),
+            "streaming, 3-source mixture, 1 core": lambda: stream_mixture(0),
             f"streaming, one source, {args.workers} workers": lambda: stream(args.workers),
+            f"streaming, 3-source mixture, {args.workers} workers": lambda: stream_mixture(args.workers),
         }
         best: dict[str, float] = {}
         for _ in range(args.repeats):
@@ -128,9 +139,15 @@ def main() -> int:
         print(f"{name:<40}{tps:>14,.0f}")
     ratio = best["memmap, 3-source mixture"] / best["memmap, one source"]
     print(f"mixture / one source (memmap): {ratio:.3f} (target >= 0.95)")
+    ratio_s = best["streaming, 3-source mixture, 1 core"] / best["streaming, one source, 1 core"]
+    ratio_w = (best[f"streaming, 3-source mixture, {args.workers} workers"]
+               / best[f"streaming, one source, {args.workers} workers"])
+    print(f"mixture / one source (streaming): {ratio_s:.3f} on 1 core, {ratio_w:.3f} with {args.workers} workers "
+          f"(target >= 0.95)")
     rates = {"memmap (mixture)": best["memmap, 3-source mixture"],
              "streaming": best["streaming, one source, 1 core"]}
-    figures = {"tokens_per_s": best, "mixture_ratio_memmap": ratio, "cores_per_gpu": {}}
+    figures = {"tokens_per_s": best, "mixture_ratio_memmap": ratio, "mixture_ratio_streaming_1core": ratio_s,
+               "mixture_ratio_streaming_workers": ratio_w, "cores_per_gpu": {}}
     print(f"\n{'cores per H100 for 10x (55% MFU)':<34}{'consumes tok/s':>16}" +
           "".join(f"{k:>20}" for k in rates))
     for preset, seq in (("gpt2-124m", 1024), ("llama3-8b", 8192)):

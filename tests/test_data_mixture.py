@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from train.data import DataConfig, DataError, build_dataloader, get_tokenizer
 from train.data.shards import TokenStore
@@ -198,7 +199,8 @@ def test_val_mixture_and_per_source_loaders(corpora, tok):
     ([{"source": "text", "path": "/nonexistent/x.jsonl", "weight": 1}],
      r"data.mixture\[0\] \(x\): .*/nonexistent/x.jsonl"),
     ([{"source": "shakespeare", "weight": 1, "tokenizer": "cl100k_base"}], r"unknown key\(s\) \['tokenizer'\]"),
-    ([{"source": "hf", "name": "x", "weight": 1}], r"source='hf' cannot be mixed"),
+    ([{"source": "hf", "name": "x", "weight": 1, "max_epochs": 1}], r"a streamed \(hf\) source has no known length"),
+    ([{"source": "hff", "weight": 1}], r"source='hff' cannot be mixed; allowed: shakespeare, text, tokens, hf"),
     ([{"source": "shakespeare", "weight": 1, "max_epochs": 0}], r"max_epochs=0 must be an integer >= 1"),
     ([{"source": "shakespeare", "weight": 1}, {"source": "shakespeare", "weight": 1e-6}], r"below the smallest share"),
     ([], r"data.mixture must be a non-empty list"),
@@ -218,3 +220,46 @@ def test_empty_source_one_line(tmp_path, tok, corpora):
     with pytest.raises(DataError, match=r"data.mixture\[1\] \(empty\): .*empty.jsonl") as e:
         build_dataloader(cfg, tok, "train", T, 2)
     assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A dataset written by `datasets` as 4 parquet files, read as a stream."""
+    import datasets
+
+    d = tmp_path_factory.mktemp("hfmix")
+    docs = [f"web {i}: " + " ".join(f"w{i}x{j}" for j in range(3 + (i * 7) % 9)) for i in range(48)]
+    for f in range(4):
+        datasets.Dataset.from_dict({"text": docs[f::4]}).to_parquet(str(d / f"train-{f:05d}-of-00004.parquet"))
+    return d
+
+
+def stream_cfg(corpora, hf_dir, workers=0) -> DataConfig:
+    return DataConfig(mixture=[{"source": "hf", "path": str(hf_dir), "val_docs": 8, "weight": 0.6, "label": "web"},
+                               {"source": "text", "path": corpora["a"], "weight": 0.4, "label": "a"}],
+                      cache_dir=corpora["cache"], num_workers=workers, val_fraction=0.1)
+
+
+def test_streamed_source_in_a_mixture(corpora, hf_dir, tok):
+    """An hf stream mixes with an indexed source: one stream for every layout and worker count, the weights
+    realised, exact resume with other workers / micro-batches, a val loss per source."""
+    table = source_of(mix_cfg(corpora), tok)  # the indexed source's windows
+    ref, ld = rows(stream_cfg(corpora, hf_dir), tok, 4, 1, 1, 60)
+    assert ld.describe().startswith("web 0.6 (stream)")
+    labels = ["a" if w in table else "web" for w in ref]
+    assert abs(labels.count("web") / len(labels) - 0.6) < 0.05
+    assert rows(stream_cfg(corpora, hf_dir), tok, 2, 2, 1, 60)[0] == ref
+    assert rows(stream_cfg(corpora, hf_dir), tok, 2, 1, 2, 60)[0] == ref
+    assert rows(stream_cfg(corpora, hf_dir, workers=2), tok, 1, 2, 2, 60)[0] == ref
+    head, ld = rows(stream_cfg(corpora, hf_dir, workers=2), tok, 4, 1, 1, 25)
+    state = ld.state_dict()
+    assert len(state["stream_positions"]) == state["stream_shards"]["0"] == 4  # every shard's position
+    tail, _ = rows(stream_cfg(corpora, hf_dir), tok, 2, 2, 1, 35, state=state)
+    assert head + tail == ref
+    m = ld.metrics()
+    assert m["data/web/tokens"] + m["data/a/tokens"] == 25 * 4 * T and "data/web/epochs" not in m
+    val = build_dataloader(stream_cfg(corpora, hf_dir), tok, "val", T, 2, seed=0)
+    assert list(val.sources) == ["web", "a"]
+    first = [x for _, (x, _) in zip(range(4), val)]
+    assert torch.equal(first[0], next(iter(val.sources["web"]))[0])  # the sources take turns
+    assert torch.equal(first[1], next(iter(val.sources["a"]))[0])

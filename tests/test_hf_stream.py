@@ -67,3 +67,33 @@ def test_two_gloo_ranks_resume_on_one_rank_with_workers(stream_dir, tmp_path):
     assert max(p["epoch"] for p in r0["state"]["positions"]) >= 1  # the cut is past a shard's first epoch
     resumed = steps(cfg_of(stream_dir, workers=2), 4, 1, STEPS - CUT, state=r1["state"])
     assert all(torch.equal(a, b) for a, b in zip(resumed, straight[CUT:]))
+
+
+def mixture_cfg(stream_dir: Path, workers: int = 0) -> DataConfig:
+    """The stream (weight 0.7) mixed with a local text corpus written next to it (0.3)."""
+    corpus = stream_dir.parent / "notes.jsonl"  # not in the dataset's dir: datasets would read it as a split
+    if not corpus.exists():
+        corpus.write_text("".join(f'{{"text": "note {i}: {" ".join(f"n{i}y{j}" for j in range(25))}"}}\n'
+                                  for i in range(20)))
+    return DataConfig(mixture=[{"source": "hf", "path": str(stream_dir), "val_docs": 8, "weight": 0.7},
+                               {"source": "text", "path": str(corpus), "weight": 0.3}],
+                      cache_dir=str(stream_dir.parent / "cache"), num_workers=workers)
+
+
+def _two_ranks_mixture(rank: int, world: int, port: int, cfg: DataConfig, out: Path) -> None:
+    init_gloo(rank, world, port)
+    ld = build_dataloader(cfg, get_tokenizer("gpt2"), "train", T, 2, 1, rank, world, seed=3)
+    it = iter(ld)
+    xs = [next(it)[0] for _ in range(CUT)]
+    torch.save({"xs": xs, "state": ld.state_dict()}, out / f"mix{rank}.pt")  # state_dict: collective
+    leave_gloo()
+
+
+def test_mixture_with_a_stream_resumes_from_two_gloo_ranks_on_one(stream_dir, tmp_path):
+    straight = steps(mixture_cfg(stream_dir), 4, 1, STEPS)
+    spawn(_two_ranks_mixture, 2, mixture_cfg(stream_dir), tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"mix{r}.pt", weights_only=False) for r in range(2))
+    assert all(torch.equal(torch.cat([a, b]), s) for a, b, s in zip(r0["xs"], r1["xs"], straight))
+    assert r0["state"] == r1["state"] and len(r0["state"]["stream_positions"]) == 4  # both ranks' shards
+    resumed = steps(mixture_cfg(stream_dir, workers=2), 4, 1, STEPS - CUT, state=r1["state"])
+    assert all(torch.equal(a, b) for a, b in zip(resumed, straight[CUT:]))

@@ -40,9 +40,9 @@ STATE_VERSION = 1
 BLOCK = 4096  # positions per block: each source's share of a block is exact to 1 / BLOCK
 # entry keys that set up one source (the rest of a single-source config is shared by the whole mixture)
 SOURCE_KEYS = ("source", "path", "name", "subset", "split", "val_split", "val_docs", "text_field", "streaming",
-               "val_fraction", "shuffle", "cache_dir")
+               "val_fraction", "shuffle", "cache_dir", "stream_shards")
 ENTRY_KEYS = (*SOURCE_KEYS, "weight", "label", "max_epochs")
-MIXABLE = ("shakespeare", "text", "tokens")
+MIXABLE = ("shakespeare", "text", "tokens", "hf")
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,10 @@ def parse_mixture(cfg: DataConfig) -> list[MixtureEntry]:
             raise DataError(f"{where}.max_epochs={me!r} must be an integer >= 1 (or unset: the source repeats)")
         src = e.get("source", "shakespeare")
         if src not in MIXABLE:
-            extra = (" (prepare a stream with python -m train.prepare --source hf ... and mix it as source: tokens)"
-                     if src == "hf" else "")
-            raise DataError(f"{where}.source={src!r} cannot be mixed{extra}; allowed: {', '.join(MIXABLE)}")
+            raise DataError(f"{where}.source={src!r} cannot be mixed; allowed: {', '.join(MIXABLE)}")
+        if src == "hf" and me is not None:
+            raise DataError(f"{where}.max_epochs={me!r}: a streamed (hf) source has no known length; it repeats "
+                            f"(prepare it with python -m train.prepare and mix it as source: tokens to cap it)")
         shared = {f.name: getattr(cfg, f.name) for f in fields(DataConfig)
                   if f.name in ("tokenizer", "num_workers", "cache_dir", "shuffle", "val_fraction", "text_field")}
         sub = DataConfig(**{**shared, **{k: e[k] for k in SOURCE_KEYS if k in e}, "source": src})
@@ -306,6 +307,81 @@ class _MixMicroBatches(Sampler):
                 step, j = step + 1, 0
 
 
+@dataclass
+class _StreamSource:
+    """A streamed (hf) source of a mixture: its records (seeded shuffle), text field and shard count."""
+
+    ds: object
+    text_field: str
+    n_shards: int
+    ds_state: bool
+
+
+class _StreamSteps(torch.utils.data.IterableDataset):
+    """One item per optimizer step and DataLoader worker: {"source:shard": (windows [n, T+1], position after
+    them)} for this worker's shards of the rank's streamed-source shards, n = the positions the schedule gives
+    that source inside that shard's range of the step's global batch."""
+
+    def __init__(self, streams: dict[int, _StreamSource], schedule: MixtureSchedule, global_batch: int,
+                 shards: list[tuple[int, int]], first_step: int, resume: dict[str, dict], seq_len: int,
+                 threads: int, tok: Tokenizer) -> None:
+        self.streams, self.schedule, self.G, self.shards = streams, schedule, global_batch, shards
+        self.first_step, self.resume, self.seq_len, self.threads = first_step, resume, seq_len, threads
+        self.tok = tok
+
+    def __iter__(self):
+        from datasets.distributed import split_dataset_by_node
+
+        from train.data.hf import _GROUP_CHARS, _MIN_GROUP_CHARS, _Packer
+
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.shards[w::nw]
+        group = max(_MIN_GROUP_CHARS, _GROUP_CHARS // max(1, len(mine)))
+        tok = self.tok
+
+        def part_of(src: _StreamSource, v: int):
+            return lambda: split_dataset_by_node(src.ds, rank=v, world_size=src.n_shards)
+
+        packers = {}
+        for s, v in mine:
+            src = self.streams[s]
+            packers[(s, v)] = iter(_Packer(part_of(src, v), tok, src.text_field, self.seq_len, 1,
+                                           self.resume.get(f"{s}:{v}"), self.threads, group,
+                                           f"source {s} shard {v} of {src.n_shards}", src.ds_state))
+        k = self.first_step
+        while True:
+            item = {}
+            for (s, v), it in packers.items():
+                c = self.G // self.streams[s].n_shards
+                lo = k * self.G + v * c
+                n = int(self.schedule.counts_at(lo + c)[s] - self.schedule.counts_at(lo)[s])
+                wins, pos = [], None
+                for _ in range(n):
+                    win, pos = next(it)
+                    wins.append(win[0])
+                item[f"{s}:{v}"] = (np.stack(wins) if wins else None, pos)
+            yield item
+            k += 1
+
+
+class _TakeTurns:
+    """The val loader of a mixture with streamed sources: the sources' own val loaders, a micro-batch each in
+    turn (a source whose pass ends drops out); `sources` gives each for its own val loss."""
+
+    def __init__(self, sources: dict) -> None:
+        self.sources = sources
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        its = [iter(ld) for ld in self.sources.values()]
+        while its:
+            for it in list(its):
+                try:
+                    yield next(it)
+                except StopIteration:
+                    its.remove(it)
+
+
 class MixtureLoader:
     """Loader of `data.mixture`: same iteration / state interface as `IndexedLoader`.
 
@@ -314,18 +390,21 @@ class MixtureLoader:
     maps each label to that source's own val loader (the trainer reports a val loss per source).
     """
 
-    def __init__(self, entries: list[MixtureEntry], stores: list[TokenStore], split: str, seq_len: int,
+    def __init__(self, entries: list[MixtureEntry], stores: list[TokenStore | None], split: str, seq_len: int,
                  micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int,
-                 num_workers: int, reweight_at_resume: bool = False, sources: dict | None = None) -> None:
+                 num_workers: int, reweight_at_resume: bool = False, sources: dict | None = None,
+                 streams: dict | None = None, tok: Tokenizer | None = None) -> None:
+        self.tok = tok
         self.entries, self.stores, self.split, self.train = entries, stores, split, split == "train"
         self.labels = [e.label for e in entries]
         self.seq_len, self.micro_batch_size, self.grad_accum = seq_len, micro_batch_size, grad_accum
         self.dp_rank, self.dp_size, self.seed, self.num_workers = dp_rank, dp_size, seed, num_workers
         self.reweight_at_resume = reweight_at_resume
         self.global_batch = micro_batch_size * grad_accum * dp_size
-        self.sizes = [max(0, st.n_tokens - 1) // seq_len for st in stores]
+        self.streams = streams or {}  # source index -> _StreamSource (hf): packed by shards, see _iter_streams
+        self.sizes = [0 if st is None else max(0, st.n_tokens - 1) // seq_len for st in stores]
         for e, st, n in zip(entries, stores, self.sizes):
-            if n == 0 and (e.weight > 0 or not self.train):
+            if st is not None and n == 0 and (e.weight > 0 or not self.train):
                 raise DataError(f"data.mixture source {e.label!r}: the {split} split of {st.describe()} has "
                                 f"{st.n_tokens} tokens, fewer than one window of seq_len {seq_len} + 1")
         self.weights = list(normalize([e.weight for e in entries]))
@@ -342,6 +421,7 @@ class MixtureLoader:
                                 f" one eval batch over all ranks needs {micro_batch_size * dp_size}")
         self.dataset = _MixWindows(stores, seq_len)
         self._consumed, self._micro = 0, 0
+        self._stream_pos: dict[str, dict] = {}  # "source:shard" -> packer position at the last step boundary
         self._chunks: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # BLOCK-aligned chunk -> (sources, windows)
         if self.train:
             self._plan_events()
@@ -366,10 +446,11 @@ class MixtureLoader:
                 lo = c * BLOCK
                 hi = lo + BLOCK if end is None else min(lo + BLOCK, end)
                 src, k = self.schedule.lookup(np.arange(lo, hi, dtype=np.int64))
-                idx = np.empty_like(k)
+                idx = np.zeros_like(k)  # streamed sources: unused (their shards hand out windows in order)
                 for s in np.unique(src).tolist():
-                    sel = src == s
-                    idx[sel] = self.orders[s].indices(k[sel])
+                    if s not in self.streams:
+                        sel = src == s
+                        idx[sel] = self.orders[s].indices(k[sel])
                 if len(self._chunks) >= 4:
                     self._chunks.pop(next(iter(self._chunks)))
                 self._chunks[c] = (src, idx)
@@ -383,6 +464,9 @@ class MixtureLoader:
         return np.concatenate(parts_s).tolist(), np.concatenate(parts_i).tolist()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.streams:
+            yield from self._iter_streams()
+            return
         if not self.train:
             self._consumed, self._micro = 0, 0
         sampler = _MixMicroBatches(self, self._consumed, self._micro)
@@ -394,6 +478,63 @@ class MixtureLoader:
             if self.train and self._micro % self.grad_accum == 0:
                 self._announce()
             yield xy
+
+    def _stream_shards(self) -> list[tuple[int, int]]:
+        """(source, shard) of every streamed source's shard that this rank's slice of a global batch covers."""
+        G, BA = self.global_batch, self.micro_batch_size * self.grad_accum
+        out = []
+        for s, src in self.streams.items():
+            c = G // src.n_shards  # positions per shard per step
+            out += [(s, v) for v in range(self.dp_rank * BA // c, ((self.dp_rank + 1) * BA - 1) // c + 1)]
+        return out
+
+    def _iter_streams(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """With streamed sources: as the hf loader, position p of step k (offset q in the global batch) belongs to
+        shard q // (G / V) of a streamed source's V shards, and takes that shard's next window; the workers pack
+        this rank's shards one step at a time (as many windows per shard as the schedule gives its source there),
+        indexed sources are read here. The samples depend on G and the shard counts only, not on the layout."""
+        from train.data.hf import _as_is, _threads_per_worker
+
+        G, B, A, r, T = self.global_batch, self.micro_batch_size, self.grad_accum, self.dp_rank, self.seq_len
+        BA = B * A
+        stream = _StreamSteps(self.streams, self.schedule, G, self._stream_shards(), self._consumed // G,
+                              dict(self._stream_pos), self.seq_len, _threads_per_worker(self.num_workers),
+                              self.tok)
+        gen = torch.Generator().manual_seed(self.seed)  # creating workers never draws from the global RNG
+        dl = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=gen, collate_fn=_as_is,
+                        prefetch_factor=2 if self.num_workers else None)
+        pin = torch.cuda.is_available()
+        items = iter(dl)
+        skip = self._micro
+        while True:
+            k = self._consumed // G
+            step: dict = {}
+            for _ in range(max(1, self.num_workers)):  # the DataLoader takes the workers' items in turn
+                step.update(next(items))
+            positions = np.arange(k * G + r * BA, k * G + (r + 1) * BA, dtype=np.int64)
+            src, idx = self.pairs(positions)
+            rows = np.empty((BA, T + 1), dtype=np.int64)
+            for q, (s, i) in enumerate(zip(src, idx)):
+                if s in self.streams:
+                    c = G // self.streams[s].n_shards
+                    lo = k * G + (q + r * BA) // c * c
+                    j = int(self.schedule.counts_at(int(positions[q]))[s] - self.schedule.counts_at(lo)[s])
+                    rows[q] = step[f"{s}:{(q + r * BA) // c}"][0][j]
+                else:
+                    rows[q] = self.stores[s].read(i * T, T + 1)
+            for j in range(skip, A):
+                w = torch.from_numpy(rows[j * B:(j + 1) * B])
+                x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+                if pin:
+                    x, y = x.pin_memory(), y.pin_memory()
+                self._micro = j + 1
+                if self._micro == A:  # the step is whole: its end is the new resume point
+                    self._consumed, self._micro = self._consumed + G, 0
+                    self._stream_pos.update({key: pos for key, (_, pos) in step.items() if pos is not None})
+                    if self.train:
+                        self._announce()
+                yield x, y
+            skip = 0
 
     @property
     def samples_consumed(self) -> int:
@@ -407,9 +548,10 @@ class MixtureLoader:
         """Per-source accounting for the trainer's log event: tokens consumed and epochs (fractional)."""
         c = self.counts()
         out = {}
-        for label, n, size in zip(self.labels, c.tolist(), self.sizes):
+        for s, (label, n, size) in enumerate(zip(self.labels, c.tolist(), self.sizes)):
             out[f"data/{label}/tokens"] = n * self.seq_len
-            out[f"data/{label}/epochs"] = round(n / size, 4) if size else 0.0
+            if s not in self.streams:  # a stream's length is unknown: its shards count their own epochs
+                out[f"data/{label}/epochs"] = round(n / size, 4) if size else 0.0
         return out
 
     def _plan_events(self) -> None:
@@ -446,8 +588,9 @@ class MixtureLoader:
         self._plan_events()
 
     def describe(self) -> str:
-        return ", ".join(f"{l} {w:.3g} ({n:,} windows{'' if m is None else f', max_epochs {m}'})"
-                         for l, w, n, m in zip(self.labels, self.weights, self.sizes, self.max_epochs))
+        return ", ".join(f"{l} {w:.3g} ({'stream' if s in self.streams else f'{n:,} windows'}"
+                         f"{'' if m is None else f', max_epochs {m}'})"
+                         for s, (l, w, n, m) in enumerate(zip(self.labels, self.weights, self.sizes, self.max_epochs)))
 
     def state_dict(self) -> dict:
         c = self.counts().tolist()
@@ -457,7 +600,22 @@ class MixtureLoader:
                 "samples_consumed": self.samples_consumed, "micro_in_step": self._micro % self.grad_accum,
                 "counts": c, "epochs": [n // s if s else 0 for n, s in zip(c, self.sizes)],
                 "n_samples": list(self.sizes), "seq_len": self.seq_len, "seed": self.seed,
-                "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum, "dp_size": self.dp_size}
+                "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum, "dp_size": self.dp_size,
+                **self._streams_state()}
+
+    def _streams_state(self) -> dict:
+        """Streamed sources: shard counts and every shard's position, gathered from all ranks (a collective)."""
+        if not self.streams:
+            return {}
+        pos = dict(self._stream_pos)
+        import torch.distributed as dist
+
+        if self.train and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, pos)
+            for other in gathered:
+                pos.update(other)
+        return {"stream_shards": {str(s): src.n_shards for s, src in self.streams.items()}, "stream_positions": pos}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("kind") != "mixture" or state.get("version") != STATE_VERSION:
@@ -503,6 +661,15 @@ class MixtureLoader:
         else:
             self.schedule = saved
         self._consumed, self._micro = consumed, int(state["micro_in_step"])
+        if self.streams:
+            if sorted(state.get("stream_shards", {})) != sorted(str(s) for s in self.streams):
+                raise DataError("data.mixture state has other streamed (hf) sources than this mixture")
+            for s, src in self.streams.items():
+                src.n_shards = int(state["stream_shards"][str(s)])  # the saved sharding, whatever auto would pick
+                if self.global_batch % src.n_shards:
+                    raise DataError(f"the global batch of {self.global_batch} samples must be a multiple of "
+                                    f"source {self.labels[s]!r}'s {src.n_shards} stream shards")
+            self._stream_pos = {k: dict(v) for k, v in state["stream_positions"].items()}
         self._chunks = {}
         if self.train:
             self._plan_events()
@@ -515,6 +682,9 @@ def build_mixture_loader(cfg: DataConfig, tok: Tokenizer, split: str, seq_len: i
     from train.data.loader import IndexedLoader
 
     entries = parse_mixture(cfg)
+    if any(e.cfg.source == "hf" for e in entries):
+        return _build_with_streams(cfg, entries, tok, split, seq_len, micro_batch_size, grad_accum, dp_rank,
+                                   dp_size, seed)
     stores, keep = [], []
     for i, e in enumerate(entries):
         try:
@@ -547,6 +717,65 @@ def build_mixture_loader(cfg: DataConfig, tok: Tokenizer, split: str, seq_len: i
                              cfg.num_workers, sources=per_source)
     loader = MixtureLoader(keep, stores, split, seq_len, micro_batch_size, grad_accum, dp_rank, dp_size, seed,
                            cfg.num_workers, reweight_at_resume=cfg.reweight_at_resume)
+    if dp_rank == 0:
+        log.info(f"data.mixture: {loader.describe()}")
+    return loader
+
+
+def _indexed_root(e: MixtureEntry, tok: Tokenizer, progress: bool) -> str:
+    from train.data.cache import ensure_tokens
+
+    if e.cfg.source == "tokens":
+        if not e.cfg.path:
+            raise DataError("path is required for source: tokens (a dir written by python -m train.prepare)")
+        return e.cfg.path
+    return str(ensure_tokens(e.cfg, tok, progress=progress))
+
+
+def _build_with_streams(cfg: DataConfig, entries: list[MixtureEntry], tok: Tokenizer, split: str, seq_len: int,
+                        micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int, seed: int):
+    """A mixture with streamed (hf) sources: train through `_iter_streams`; val takes the sources' own val
+    loaders in turn."""
+    from dataclasses import replace
+
+    from train.data.hf import HFStreamLoader, auto_shards, hf_records
+    from train.data.loader import IndexedLoader
+
+    G = micro_batch_size * grad_accum * dp_size
+    if split == "val":
+        per_source = {}
+        for i, e in enumerate(entries):
+            try:
+                if e.cfg.source == "hf":
+                    per_source[e.label] = HFStreamLoader(replace(e.cfg, num_workers=cfg.num_workers), tok, "val",
+                                                         seq_len, micro_batch_size, 1, dp_rank, dp_size, seed)
+                elif e.cfg.source == "tokens" or e.cfg.val_fraction > 0:
+                    store = TokenStore(_indexed_root(e, tok, dp_rank == 0), "val", tok)
+                    if max(0, store.n_tokens - 1) // seq_len >= micro_batch_size * dp_size:
+                        per_source[e.label] = IndexedLoader(store, "val", seq_len, micro_batch_size, 1, dp_rank,
+                                                            dp_size, seed, False, cfg.num_workers)
+            except DataError as err:
+                if "no split" in str(err) and e.cfg.source == "tokens":
+                    continue  # a prepared dir without a val split: left out of eval
+                raise DataError(f"data.mixture[{i}] ({e.label}): {err}") from None
+        return _TakeTurns(per_source)
+    stores, streams = [], {}
+    for i, e in enumerate(entries):
+        try:
+            if e.cfg.source == "hf":
+                n_shards = e.cfg.stream_shards or auto_shards(G)
+                if G % n_shards:
+                    raise DataError(f"stream_shards={n_shards} must divide the global batch of {G} samples")
+                ds = hf_records(e.cfg, "train", seed + 1000 * (i + 1))
+                streams[i] = _StreamSource(ds, e.cfg.text_field, n_shards,
+                                           hasattr(ds, "state_dict") and not e.cfg.shuffle)
+                stores.append(None)
+            else:
+                stores.append(TokenStore(_indexed_root(e, tok, dp_rank == 0), "train", tok))
+        except DataError as err:
+            raise DataError(f"data.mixture[{i}] ({e.label}): {err}") from None
+    loader = MixtureLoader(entries, stores, split, seq_len, micro_batch_size, grad_accum, dp_rank, dp_size, seed,
+                           cfg.num_workers, reweight_at_resume=cfg.reweight_at_resume, streams=streams, tok=tok)
     if dp_rank == 0:
         log.info(f"data.mixture: {loader.describe()}")
     return loader
