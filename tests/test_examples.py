@@ -165,8 +165,9 @@ def plan_job(job: Job):
         assert world % replicas == 0, f"strategy.replicate_degree={replicas} does not divide {world} ranks"
         strategy, hsdp_shard = "hsdp", world // replicas
     # the trainer's parallel.* dims (DESIGN.md), where the config has them, are the planner's fields of the same name
-    dims = {k: v for k, v in (cfg.get("parallel") or {}).items()
-            if k in ("tp", "pp", "dp_replicate", "dp_shard") and v is not None}
+    dims = {k: (list(v) if k == "pp_layers_per_stage" else v) for k, v in (cfg.get("parallel") or {}).items()
+            if k in ("tp", "pp", "dp_replicate", "dp_shard", "pp_schedule", "pp_microbatches", "pp_stages_per_rank",
+                     "pp_layers_per_stage") and v is not None}
     model_overrides = {k: v for k, v in cfg.model.items() if k not in ("preset", "init_from") and v is not None}
     args = PlanArgs(
         **dims,
@@ -211,7 +212,8 @@ IDS = [str(p.relative_to(REPO)) for p in EXAMPLES]
 
 def test_examples_are_found():
     names = {p.name for p in EXAMPLES}
-    assert {"falcon-40b-fsdp.sbatch", "falcon-40b-zero3.sbatch", "falcon-40b.yaml", "falcon-40b-fsdp.yaml"} <= names
+    assert {"falcon-40b-fsdp.sbatch", "falcon-40b-zero3.sbatch", "falcon-40b.yaml", "falcon-40b-fsdp.yaml",
+            "falcon-40b-3d.sbatch", "falcon-40b-3d.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=IDS)

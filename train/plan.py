@@ -1171,6 +1171,130 @@ def max_micro_batch(a: PlanArgs, s: ModelShape, limit: int = 1 << 16) -> int:
     return lo
 
 
+# ---- layout search ----------------------------------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def search_candidates(a: PlanArgs, s: ModelShape, global_batch: int) -> list[PlanArgs]:
+    """Every layout of `a`'s model on its nodes x gpus that the trainer accepts, for `global_batch` sequences per
+    optimizer step: tp dividing the GPUs of a node (so TP stays on NVLink) and the heads (`tp_split`'s rule);
+    pp dividing the rest with pp <= n_layer; every dp_replicate x dp_shard split of the data-parallel ranks (FSDP2
+    / HSDP; DDP when nothing is sharded or split; ZeRO is left out: FSDP2 covers it and it combines with neither
+    tp nor pp); every micro-batch dividing a replica's sequences (grad_accum = the rest); ac none / selective /
+    full; under pp 1f1b and interleaved_1f1b (gpipe has 1F1B's bubble and more memory), and zero_bubble where no
+    FSDP2 wraps the stages (torch's split weight-gradient pass misses FSDP's hooks). Layouts the trainer rejects
+    (`resolve_dims`, `check_pipeline`) are skipped."""
+    world = a.nodes * a.gpus
+    out = []
+    for tp in _divisors(a.gpus):
+        try:
+            tp_split(s, tp)
+        except ValueError:
+            continue
+        for pp in _divisors(world // tp):
+            if pp > s.n_layer:
+                continue
+            dp = world // (tp * pp)
+            if global_batch % dp:
+                continue
+            rows = global_batch // dp
+            for rep in _divisors(dp):
+                shard = dp // rep
+                if tp == 1 and pp == 1 and shard == 1:
+                    strategies = ["ddp" if rep > 1 else "single"]
+                elif pp > 1 and dp == 1:
+                    strategies = ["single"]  # no data parallelism: plain stages (zero_bubble allowed)
+                else:
+                    strategies = ["fsdp"]
+                for strategy in strategies:
+                    schedules = ["1f1b"] if pp == 1 else ["1f1b", "interleaved_1f1b"] + (
+                        ["zero_bubble"] if strategy == "single" else [])
+                    for schedule in schedules:
+                        for ac in AC_MODES:
+                            for b in _divisors(rows):
+                                out.append(dataclasses.replace(
+                                    a, strategy=strategy, tp=tp, pp=pp, dp_replicate=rep, dp_shard=shard,
+                                    micro_batch=b, grad_accum=rows // b, ac=ac, pp_schedule=schedule,
+                                    pp_microbatches=None, pp_stages_per_rank=None, pp_layers_per_stage=None,
+                                    hsdp_shard=0, offload="none"))
+    return out
+
+
+def search(a: PlanArgs, s: ModelShape | None = None, global_batch: int | None = None) -> list[Plan]:
+    """The layouts of `search_candidates` that fit, fastest first (estimated tokens/s; ties: the smaller peak).
+    `global_batch` (sequences per optimizer step) is held fixed so layouts compare at the same optimization;
+    default: what pure data parallelism over every GPU runs with `a`'s micro_batch x grad_accum."""
+    a.validate()
+    s = s or model_shape(a.model, a.seq_len)
+    world = a.nodes * a.gpus
+    gb = global_batch if global_batch is not None else world * a.micro_batch * a.grad_accum
+    if not isinstance(gb, int) or gb < 1:
+        raise ValueError(f"global_batch={gb!r} must be a positive integer (sequences per optimizer step)")
+    found = []
+    for cand in search_candidates(a, s, gb):
+        try:
+            p = plan(cand, s, max_batch=False)
+        except ValueError:  # a layout the trainer rejects (e.g. too few sequences for the pipeline's microbatches)
+            continue
+        if p.fits:
+            found.append(p)
+    found.sort(key=lambda p: (-p.tokens_per_s, p.peak_gib))
+    return found
+
+
+def _layout(p: Plan) -> str:
+    d, a = p.dims, p.args
+    out = f"tp={d['tp']} pp={d['pp']} dp_replicate={d['dp_replicate']} dp_shard={d['dp_shard']}"
+    if d["pp"] > 1:
+        out += f" {p.pp_schedule}"
+    return out + f" micro_batch={a['micro_batch']} grad_accum={a['grad_accum']} ac={a['ac']}"
+
+
+def explain(found: list[Plan]) -> str:
+    """One line: why the first layout of `search` is first."""
+    if not found:
+        return "nothing fits: use more GPUs, bigger GPUs, a shorter seq_len or a smaller global batch"
+    best = found[0]
+    d = best.dims
+    exposed = max(0.0, best.comm_time_s - best.compute_time_s) + best.tp_comm_time_s + best.p2p_time_s
+    why = [f"{best.tokens_per_s:,.0f} tokens/s at {best.peak_gib:.1f} of {best.capacity_gib:.0f} GiB",
+           f"compute {best.compute_time_s:.2f} s of a {best.step_time_s:.2f} s step, {exposed:.2f} s of it exposed "
+           f"communication"]
+    if d["pp"] > 1:
+        why.append(f"pipeline bubble {best.bubble_fraction:.1%}")
+    rivals = []
+    for name, keep in (("without tp", lambda p: p.dims["tp"] == 1), ("without pp", lambda p: p.dims["pp"] == 1),
+                       ("with pp", lambda p: p.dims["pp"] > 1), ("with tp", lambda p: p.dims["tp"] > 1)):
+        if keep(best):
+            continue
+        other = next((p for p in found if keep(p)), None)
+        rivals.append(f"the best {name} is {1 - other.tokens_per_s / best.tokens_per_s:.0%} slower" if other
+                      else f"nothing {name} fits")
+    return f"#1 {_layout(best)}: " + "; ".join(why + rivals[:2])
+
+
+def format_search(found: list[Plan], a: PlanArgs, global_batch: int, top: int, considered: int) -> str:
+    """The ranked table of `search` (the first `top`), then `explain`'s line."""
+    lines = [
+        (f"{a.model} on {a.nodes} x {a.gpus} GPUs ({a.gpu_mem_gb:g} GiB, {a.gpu}, {a.precision}, MFU {a.mfu:.0%}), "
+         f"seq_len={a.seq_len}, global batch {global_batch} sequences: {len(found)} of {considered} layouts fit"),
+        (f"{'#':>3} {'tp':>3}{'pp':>4}{'rep':>5}{'shard':>6} {'engine':<7}{'schedule':<17}{'mb':>4}{'ga':>5} "
+         f"{'ac':<10}{'peak GiB':>9}{'bubble':>8}{'step s':>8}{'tokens/s':>12}"),
+    ]
+    for i, p in enumerate(found[:top], 1):
+        d, x = p.dims, p.args
+        engine = resolve_dims(PlanArgs(**x)).engine
+        lines.append(
+            f"{i:>3} {d['tp']:>3}{d['pp']:>4}{d['dp_replicate']:>5}{d['dp_shard']:>6} {engine:<7}"
+            f"{(p.pp_schedule or '-'):<17}{x['micro_batch']:>4}{x['grad_accum']:>5} {x['ac']:<10}{p.peak_gib:>9.2f}"
+            f"{p.bubble_fraction:>8.1%}{p.step_time_s:>8.3f}{p.tokens_per_s:>12,.0f}")
+    lines.append(explain(found))
+    return "\n".join(lines)
+
+
 # ---- CLI --------------------------------------------------------------------------------------
 
 
@@ -1225,6 +1349,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ddp_bucket_view", action="store_true", help="DDP gradient_as_bucket_view=True")
     p.add_argument("--loss_impl", default=d.loss_impl, help=f"train.loss_impl: one of {', '.join(LOSS_IMPLS)}")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--search", action="store_true",
+                   help="rank every layout (tp, pp, dp_replicate, dp_shard, micro-batch, AC, schedule) that fits "
+                        "by estimated tokens/s; the dims, micro_batch/grad_accum and ac given are ignored")
+    p.add_argument("--top", type=int, default=10, help="--search: rows to print")
+    p.add_argument("--global_batch", type=int, default=None,
+                   help="--search: sequences per optimizer step, held fixed (default: nodes x gpus x micro_batch x "
+                        "grad_accum)")
     return p
 
 
@@ -1257,11 +1388,20 @@ def _normalize_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+SEARCH_OPTIONS = ("search", "top", "global_batch")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[PlanArgs, bool]:
+    args, as_json, _ = parse_cli(argv)
+    return args, as_json
+
+
+def parse_cli(argv: Sequence[str] | None = None) -> tuple[PlanArgs, bool, dict[str, Any]]:
+    """(the planning question, --json, the --search options)."""
     ns = _parser().parse_args(_normalize_argv(sys.argv[1:] if argv is None else argv))
     as_json = ns.json
-    kw = {k: v for k, v in vars(ns).items() if k != "json"}
-    return PlanArgs(**kw), as_json
+    kw = {k: v for k, v in vars(ns).items() if k != "json" and k not in SEARCH_OPTIONS}
+    return PlanArgs(**kw), as_json, {k: getattr(ns, k) for k in SEARCH_OPTIONS}
 
 
 def format_plan(p: Plan) -> str:
@@ -1320,13 +1460,29 @@ def format_plan(p: Plan) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args, as_json = parse_args(argv)
+        args, as_json, opts = parse_cli(argv)
+        if opts["search"]:
+            if opts["top"] < 1:
+                raise ValueError(f"top={opts['top']} must be >= 1")
+            # the layout fields are what the search varies: validate the rest on a one-GPU-compatible layout
+            args = dataclasses.replace(args, strategy="fsdp", tp=1, pp=1, dp_replicate=None, dp_shard=None,
+                                       hsdp_shard=0, offload="none")
         args.validate()
         shape = model_shape(args.model, args.seq_len)
-        p = plan(args, shape)
+        if opts["search"]:
+            world = args.nodes * args.gpus
+            gb = opts["global_batch"] if opts["global_batch"] is not None else world * args.micro_batch * args.grad_accum
+            found = search(args, shape, gb)
+            considered = len(search_candidates(args, shape, gb))
+        else:
+            p = plan(args, shape)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if opts["search"]:
+        print(json.dumps([dataclasses.asdict(x) for x in found[:opts["top"]]], indent=2) if as_json
+              else format_search(found, args, gb, opts["top"], considered))
+        return 1 if not found else 0
     print(json.dumps(dataclasses.asdict(p), indent=2) if as_json else format_plan(p))
     return 0
 
