@@ -352,10 +352,10 @@ class _StreamSteps(torch.utils.data.IterableDataset):
         k = self.first_step
         while True:
             item = {}
+            step_src = self.schedule.lookup(np.arange(k * self.G, (k + 1) * self.G, dtype=np.int64))[0]  # [G]
             for (s, v), it in packers.items():
                 c = self.G // self.streams[s].n_shards
-                lo = k * self.G + v * c
-                n = int(self.schedule.counts_at(lo + c)[s] - self.schedule.counts_at(lo)[s])
+                n = int(np.count_nonzero(step_src[v * c:(v + 1) * c] == s))
                 wins, pos = [], None
                 for _ in range(n):
                     win, pos = next(it)
@@ -501,8 +501,9 @@ class MixtureLoader:
                               dict(self._stream_pos), self.seq_len, _threads_per_worker(self.num_workers),
                               self.tok)
         gen = torch.Generator().manual_seed(self.seed)  # creating workers never draws from the global RNG
+        # workers may run several steps ahead: one that is tokenizing a group does not stall the others
         dl = DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=gen, collate_fn=_as_is,
-                        prefetch_factor=2 if self.num_workers else None)
+                        prefetch_factor=16 if self.num_workers else None)
         pin = torch.cuda.is_available()
         items = iter(dl)
         skip = self._micro
@@ -513,13 +514,14 @@ class MixtureLoader:
                 step.update(next(items))
             positions = np.arange(k * G + r * BA, k * G + (r + 1) * BA, dtype=np.int64)
             src, idx = self.pairs(positions)
+            step_src = self.schedule.lookup(np.arange(k * G, (k + 1) * G, dtype=np.int64))[0]  # [G]
             rows = np.empty((BA, T + 1), dtype=np.int64)
             for q, (s, i) in enumerate(zip(src, idx)):
                 if s in self.streams:
+                    qq = q + r * BA  # offset in the global batch
                     c = G // self.streams[s].n_shards
-                    lo = k * G + (q + r * BA) // c * c
-                    j = int(self.schedule.counts_at(int(positions[q]))[s] - self.schedule.counts_at(lo)[s])
-                    rows[q] = step[f"{s}:{(q + r * BA) // c}"][0][j]
+                    j = int(np.count_nonzero(step_src[qq // c * c:qq] == s))  # earlier draws in this shard
+                    rows[q] = step[f"{s}:{qq // c}"][0][j]
                 else:
                     rows[q] = self.stores[s].read(i * T, T + 1)
             for j in range(skip, A):
