@@ -216,7 +216,7 @@ def resolve_dims(a: PlanArgs) -> Dims:
     if a.strategy.startswith("zero") and tp > 1:
         raise ValueError(f"strategy={a.strategy} is DeepSpeed data parallelism and cannot combine with tp={tp}; "
                          f"use the native FSDP2 with tp (strategy=fsdp dp_shard=-1 tp={tp})")
-    explicit = a.dp_replicate is not None or a.dp_shard is not None or tp > 1
+    explicit = a.dp_replicate is not None or a.dp_shard is not None or tp > 1 or pp > 1
     if a.strategy == "single" and not explicit and world != 1:
         raise ValueError(f"strategy=single runs on one GPU but nodes x gpus = {a.nodes} x {a.gpus} = {world}; use "
                          "strategy=ddp|fsdp|hsdp|zero1|zero2|zero3, or set dims (e.g. tp=2)")
