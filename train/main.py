@@ -146,7 +146,7 @@ def _run(cfg: DictConfig, run_dir: Path, rank: int, created: bool) -> int:
             trainer = Trainer(cfg, spec, run_dir, dist, engine, tok, train_loader, val_loader)
             if resume_from is not None:  # now, so a bad checkpoint fails before config.yaml is touched
                 trainer.resume(resume_from)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             if not _is_input_error(e):
                 raise
             print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -207,19 +207,23 @@ def _latest_name(run_dir: Path) -> str:
     return str(latest) if latest is not None else "none"
 
 
-def _is_input_error(e: ValueError) -> bool:
-    """A ValueError while building is the user's (exit 2) when it is one of our typed validation errors or was
-    raised by lmforge's own checks (model/, train/); from inside torch / DeepSpeed it is an internal error."""
-    from train.checkpoint import CheckpointError
+def _is_input_error(e: Exception) -> bool:
+    """A ValueError / OSError while building is the user's (exit 2) when it is one of our typed validation errors
+    or was raised by lmforge's own code (model/, train/: its checks, a file it opens); raised inside torch or
+    DeepSpeed, or a full / read-only disk, it is not."""
+    from train.checkpoint import CheckpointError, CheckpointSaveError
     from train.data.errors import DataError
 
+    if isinstance(e, CheckpointSaveError) or (isinstance(e, OSError) and e.errno in STORAGE_ERRNOS):
+        return False
     if isinstance(e, ConfigError | CheckpointError | DataError):
         return True
     frames = traceback.extract_tb(e.__traceback__)
     if not frames:
         return False
     origin = Path(frames[-1].filename).resolve()
-    return type(e) is ValueError and any(origin.is_relative_to(REPO / d) for d in ("model", "train"))
+    return type(e) in (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) and any(
+        origin.is_relative_to(REPO / d) for d in ("model", "train"))
 
 
 def _check_resume_compatible(ckpt: Path, gpt_config) -> None:
