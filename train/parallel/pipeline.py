@@ -225,7 +225,7 @@ class GPTStage(GPT):
             h = self.embed(h)
         cos, sin = self.rope(0, h.shape[1] * (1 if self.is_first else self.seq_shards))
         for block in self.blocks:
-            h = block(h, cos, sin)
+            h = block(h, cos, sin, None, 0)  # the whole model's call (tensor parallel's input plan expects it)
         if not self.is_last:
             return h
         h = self.norm_f(h)
@@ -309,7 +309,7 @@ def pipeline_forward(layout: PipelineLayout, stages: dict[int, GPTStage], pp_ran
 
 
 def schedule_class(name: str):
-    import torch.distributed.pipelining.schedules as schedules
+    from torch.distributed.pipelining import schedules
 
     return getattr(schedules, SCHEDULES[name][0])
 
@@ -387,6 +387,8 @@ class PipelineEngine(NativeEngine):
         first = pipe_stages if SCHEDULES[layout.schedule][2] != 1 else pipe_stages[0]
         self.schedule = cls(first, n_microbatches=layout.n_microbatches, loss_fn=self._loss_fn, scale_grads=True)
         self._no_outputs = "return_outputs" in inspect.signature(self.schedule.step).parameters
+        if self.scaler is not None:  # only the last stage scales a loss; every stage unscales its gradients
+            self.scaler.scale(torch.zeros((), device=self.device))
         self.has_first = 0 in self.stages
         self.has_last = layout.n_stages - 1 in self.stages
         self._tie_group = None

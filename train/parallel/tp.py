@@ -132,10 +132,10 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         "norm_f": SequenceParallel(),
         # vocabulary-parallel head: logits stay sharded over the vocabulary for the loss
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+        "pos_emb": ReplicateParallel(),
     }
-    if model.pos_emb is not None:
-        root["pos_emb"] = ReplicateParallel()
-    parallelize_module(model, tp_mesh, root)
+    # a pipeline stage (train/parallel/pipeline.py) holds only some of these modules
+    parallelize_module(model, tp_mesh, {k: v for k, v in root.items() if getattr(model, k, None) is not None})
     split_kv = cfg.n_kv_head % tp == 0
     kv_style = (lambda: ColwiseParallel()) if split_kv else (lambda: ReplicatedKVParallel(cfg.n_kv_head, cfg.head_dim))
     none4 = (None, None, None, None)  # Block / Attention take (x, cos, sin, kv_cache, start_pos)
@@ -156,7 +156,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         if hasattr(block.mlp, "gate_proj"):
             plan["mlp.gate_proj"] = ColwiseParallel()
         parallelize_module(block, tp_mesh, plan)
-        if i == 0:  # the embedding's whole sequences -> this rank's sequence shard (a local slice, no traffic)
+        # the embedding's whole sequences -> this rank's sequence shard (a local slice, no traffic); a later
+        # pipeline stage receives sequence shards already
+        if i == 0 and getattr(model, "is_first", True):
             parallelize_module(block, tp_mesh, PrepareModuleInput(
                 input_layouts=(Replicate(), *none4), desired_input_layouts=(Shard(1), *none4), use_local_output=True))
     model.tie_weights()  # both sides were replaced by DTensor parameters: point the head at the embedding again
