@@ -442,6 +442,23 @@ def leave_gloo() -> None:
     dist.destroy_process_group()
 
 
+def _parts_worker(rank: int, world: int, port: int, out: str, parts: list) -> None:
+    init_gloo(rank, world, port)
+    results = {name: fn(rank, world) for name, fn in parts}
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    leave_gloo()
+
+
+def spawn_parts(out_dir: str | Path, world: int, parts: dict) -> dict:
+    """Several in-process checks in ONE spawned ``world``-rank gloo group (each spawn costs seconds of start-up
+    per rank on CI's 2 cores): ``parts`` maps a name to a module-level ``fn(rank, world)`` returning JSON-able
+    data (gather across ranks inside it when every rank's view matters); returns {name: rank 0's result}."""
+    out = Path(out_dir) / "parts.json"
+    spawn(_parts_worker, world, str(out), list(parts.items()))
+    return json.loads(out.read_text())
+
+
 class CountCollectives(TorchDispatchMode):
     """Counts the c10d collectives run under it (DDP's reducer, FSDP2's reduce-scatter and functional
     collectives all pass the dispatcher): ``.counts`` maps op name -> calls, ``.reduces`` sums the reducing

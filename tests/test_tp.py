@@ -19,14 +19,12 @@ from helpers import (
     char_run,
     ckpt,
     corpus_overrides,
-    init_gloo,
-    leave_gloo,
     losses_by_step,
     make_cfg,
     session_run,
     single_losses,
     single_run,
-    spawn,
+    spawn_parts,
 )
 
 pytestmark = pytest.mark.slow
@@ -96,21 +94,10 @@ def _families(rank: int, world: int) -> dict:
     return results
 
 
-def _shared_worker(rank: int, world: int, port: int, out: Path, parts: list[str]) -> None:
-    """One spawned gloo group for several in-process checks (each spawn costs seconds of start-up on 2 cores):
-    rank 0 writes {part: result}."""
-    init_gloo(rank, world, port)
-    results = {part: PARTS[part](rank, world) for part in parts}
-    if rank == 0:
-        out.write_text(json.dumps(results))
-    leave_gloo()
-
-
 def _spawned(tmp_path_factory, world: int) -> dict:
-    """The results of every in-process part for a ``world``-rank group, computed once per module."""
-    out = tmp_path_factory.mktemp(f"tp_world{world}") / "results.json"
-    spawn(_shared_worker, world, out, WORLD_PARTS[world])
-    return json.loads(out.read_text())
+    """The results of every in-process part for a ``world``-rank group: one spawn per world size, per module."""
+    return spawn_parts(tmp_path_factory.mktemp(f"tp_world{world}"), world,
+                       {part: PARTS[part] for part in WORLD_PARTS[world]})
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +412,7 @@ def test_tp2_mixed_precision_agrees_with_one_process(two_ranks):
         assert abs(a - b) <= 2e-2, f"step {step}: bf16 loss {a} vs {b}"
 
 
-# the in-process parts, by the group they run in (one spawn per world size: see _shared_worker)
+# the in-process parts, by the group they run in (one spawn per world size: helpers.spawn_parts)
 PARTS = {"families": _families, "memory": _memory, "precision": _precision, "rng": _rng, "mesh": _mesh,
          "replicas": _replicas}
 WORLD_PARTS = {2: ["families", "memory", "precision"], 4: ["memory", "rng", "mesh", "replicas"]}
