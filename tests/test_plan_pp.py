@@ -51,8 +51,8 @@ def falcon():
 
 
 def _args(**kw) -> PlanArgs:
-    base = dict(model="gpt2-124m", strategy="single", nodes=1, gpus=4, pp=4, micro_batch=1, grad_accum=8,
-                seq_len=1024, precision="bf16", pp_layers_per_stage=[3, 3, 3, 3])
+    base = {"model": "gpt2-124m", "strategy": "single", "nodes": 1, "gpus": 4, "pp": 4, "micro_batch": 1,
+            "grad_accum": 8, "seq_len": 1024, "precision": "bf16", "pp_layers_per_stage": [3, 3, 3, 3]}
     return PlanArgs(**{**base, **kw})
 
 
@@ -339,3 +339,12 @@ def test_stage_state_bytes_match_a_pp2_engine(tmp_path):
     root = {name: torch.Size(shape_).numel() for name, shape_ in shape.root_tensors}
     assert measured[0]["params"] - measured[1]["params"] == 4 * (
         root["pos_emb.weight"] - root["norm_f.weight"] - root["norm_f.bias"])
+
+
+def test_largest_micro_batch_under_pp_is_one_the_pipeline_splits(gpt2):
+    a = _args(pp=2, gpus=2, pp_microbatches=4, micro_batch=4, grad_accum=1, pp_layers_per_stage=None,
+              gpu_mem_gb=8.0)
+    b = plan(a, gpt2).max_micro_batch
+    assert b > 0 and b % 4 == 0
+    assert plan(dataclasses.replace(a, micro_batch=b), gpt2, max_batch=False).fits
+    assert not plan(dataclasses.replace(a, micro_batch=b + 4), gpt2, max_batch=False).fits

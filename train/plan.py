@@ -56,7 +56,7 @@ from train.loss import LOSS_IMPLS
 from train.loss import chunk_tokens as loss_chunk_tokens
 from train.metrics import GPU_DATASHEETS
 from train.parallel.pipeline import SCHEDULES as _PP_SCHEDULES
-from train.parallel.pipeline import ZERO_BUBBLE, PipelineLayout, bubble_fraction, check_pipeline
+from train.parallel.pipeline import ZERO_BUBBLE, PipelineLayout, check_pipeline
 
 STRATEGIES = ("single", "ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")
 OFFLOADS = ("none", "optimizer", "params")
@@ -884,7 +884,7 @@ def pipeline_memory(a: PlanArgs, s: ModelShape) -> list[StageMemory]:
     resid_b = 4 if (not low or engine in ("single", "ddp")) else 2
     rows = a.micro_batch * a.grad_accum // layout.n_microbatches  # sequences per pipeline microbatch
     tokens = rows * a.seq_len
-    n_stages, m, v = layout.n_stages, layout.n_microbatches, layout.stages_per_rank
+    n_stages, m = layout.n_stages, layout.n_microbatches
     message = tokens * s.n_embd * resid_b / d.tp  # one stage boundary's activations (sequence shards under TP)
     out = []
     for r in range(d.pp):
@@ -1153,12 +1153,24 @@ def _tp_comm_time(a: PlanArgs, s: ModelShape, d: Dims, split: TPSplit) -> float:
 
 
 def max_micro_batch(a: PlanArgs, s: ModelShape, limit: int = 1 << 16) -> int:
-    """Largest micro-batch whose peak fits in gpu_mem_gb (0 if even 1 does not); memory grows with B."""
+    """Largest micro-batch whose peak fits in gpu_mem_gb (0 if even 1 does not); memory grows with B. Under pp a
+    micro-batch whose sequences the pipeline's microbatches cannot split (check_pipeline) does not count."""
 
-    def fits(b: int) -> bool:
-        _, allocated, _ = memory_bytes(dataclasses.replace(a, micro_batch=b), s)
+    # under pp the micro-batches are multiples of `step`: what the pipeline's microbatches split evenly
+    step = 1
+    if a.pp > 1:
+        m = a.pp_microbatches if a.pp_microbatches is not None else (a.pp if a.grad_accum < a.pp else 1)
+        step = m // math.gcd(m, a.grad_accum)
+
+    def fits(k: int) -> bool:
+        try:
+            _, allocated, _ = memory_bytes(dataclasses.replace(a, micro_batch=k * step), s)
+        except ValueError:
+            return False
         return allocated * (1 + a.frag) + a.context_gb * GIB <= a.gpu_mem_gb * GIB
 
+    if step > 1:
+        limit //= step
     if not fits(1):
         return 0
     lo, hi = 1, 2
@@ -1168,7 +1180,7 @@ def max_micro_batch(a: PlanArgs, s: ModelShape, limit: int = 1 << 16) -> int:
     while hi - lo > 1:  # invariant: fits(lo), not fits(hi)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return lo * step
 
 
 # ---- layout search ----------------------------------------------------------------------------
@@ -1261,8 +1273,8 @@ def explain(found: list[Plan]) -> str:
     d = best.dims
     exposed = max(0.0, best.comm_time_s - best.compute_time_s) + best.tp_comm_time_s + best.p2p_time_s
     why = [f"{best.tokens_per_s:,.0f} tokens/s at {best.peak_gib:.1f} of {best.capacity_gib:.0f} GiB",
-           f"compute {best.compute_time_s:.2f} s of a {best.step_time_s:.2f} s step, {exposed:.2f} s of it exposed "
-           f"communication"]
+           (f"compute {best.compute_time_s:.2f} s of a {best.step_time_s:.2f} s step, {exposed:.2f} s of it exposed "
+            f"communication")]
     if d["pp"] > 1:
         why.append(f"pipeline bubble {best.bubble_fraction:.1%}")
     rivals = []
