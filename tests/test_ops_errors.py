@@ -196,3 +196,41 @@ def test_second_run_on_a_live_run_dir_exits_2_naming_the_holder_then_a_stale_loc
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{saved:07d}'} at step {saved} " in out, out[-3000:]
     # the console says where the loss curve went
     assert f"loss curve: {run_dir / 'loss.png'}" in third.stdout and (run_dir / "loss.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- W&B online without a key / without a network
+
+WANDB_ONLINE = ("logger=wandb", "logger.wandb.mode=online", "logger.wandb.init_timeout_s=5")
+
+
+def test_wandb_online_without_an_api_key_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    code, run_dir = train_in_process(tmp_path / "run", *TINY, *WANDB_ONLINE)
+    assert code == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith("error: logger.wandb.mode=online needs a W&B API key and none is configured"), line
+    assert "logger.wandb.mode=offline" in line
+    assert not run_dir.exists()  # checked before any work: nothing built, nothing written
+
+
+def test_wandb_online_with_an_unreachable_server_fails_in_bounded_time_or_falls_back_offline(tmp_path, monkeypatch,
+                                                                                           capsys):
+    unreachable = {"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:1"}
+    res = run_train(tmp_path / "fallback", *TINY, *WANDB_ONLINE, "train.max_steps=2", "logger.wandb.fallback=offline",
+                    env=unreachable, timeout=240)
+    warning = [ln for ln in res.stdout.splitlines() if "continuing offline (logger.wandb.fallback=offline)" in ln]
+    assert len(warning) == 1, res.explain()
+    assert sorted((res.run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"
+    assert [e["step"] for e in read_metrics(res.run_dir)] == [1, 2]
+
+    for var, value in unreachable.items():
+        monkeypatch.setenv(var, value)
+    t0 = time.monotonic()
+    code, _ = train_in_process(tmp_path / "nofallback", *TINY, *WANDB_ONLINE, "train.max_steps=2")
+    assert code == 2 and time.monotonic() - t0 < 60
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith("error: logger=wandb: could not start an online W&B run within "
+                           "logger.wandb.init_timeout_s=5 (CommError"), line
+    assert "logger.wandb.fallback=offline" in line

@@ -33,6 +33,7 @@ from train.ops.errors import (
     EXIT_USAGE,
     STORAGE_ERRNOS,
     StorageError,
+    WandbStartError,
     write_error_file,
 )
 from train.ops.lock import LOCK_FILE
@@ -104,6 +105,11 @@ def _run(cfg: DictConfig, run_dir: Path, rank: int, created: bool) -> int:
             from train.parallel import check_environment
 
             check_environment(cfg)  # launcher, deepspeed, bf16/fp16 support
+            from train.metrics import wandb_key_problem
+
+            problem = wandb_key_problem(cfg)
+            if problem is not None:
+                raise ConfigError(problem)
             if spec.dims.engine == "deepspeed":
                 from train.parallel.deepspeed import validate_deepspeed_config
 
@@ -166,6 +172,9 @@ def _run(cfg: DictConfig, run_dir: Path, rank: int, created: bool) -> int:
     except StorageError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_STORAGE
+    except WandbStartError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C before the loop's handler is installed, or a second one inside it
         what = "interrupted twice (Ctrl-C): stopped at once" if phase == "train" else f"interrupted during {phase}"
         print(f"error: {what}, nothing saved since the latest checkpoint: {_latest_name(run_dir)}", file=sys.stderr)

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from train.ops.errors import WandbStartError
+
 log = logging.getLogger("train")
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' datasheets: bf16 / fp16 on tensor cores, and fp32
@@ -177,6 +179,30 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def wandb_key_problem(cfg) -> str | None:
+    """Before any work: ``logger=wandb`` online needs an API key (``WANDB_API_KEY`` or the netrc entry that
+    ``wandb login`` writes); None when there is one or W&B is not used online."""
+    import netrc
+    from urllib.parse import urlparse
+
+    w = cfg.logger.wandb
+    if cfg.logger.name != "wandb" or w.mode != "online":
+        return None
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return None  # the environment forces W&B off the network
+    if os.environ.get("WANDB_API_KEY"):
+        return None
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return (f"logger.wandb.mode=online needs a W&B API key and none is configured (WANDB_API_KEY, or `wandb login` "
+            f"for {host}); log in, or use logger.wandb.mode=offline (upload later with `wandb sync`) or disabled")
+
+
 class WandbLogger:
     """Weights & Biases: the resolved config, every metric event, and text samples as a table.
 
@@ -194,12 +220,28 @@ class WandbLogger:
             raise ValueError(f"logger.wandb.mode={w.mode!r} is not one of online, offline, disabled")
         self._wandb = wandb
         self._samples: list[list[Any]] = []
-        self.run = wandb.init(
-            project=w.project, entity=w.entity, name=w.name or run_dir.name, group=w.group,
-            tags=list(w.tags), mode=w.mode, dir=str(run_dir), id=run_id, resume="allow" if run_id else None,
-            config=OmegaConf.to_container(cfg, resolve=True),
-            settings=wandb.Settings(console="off", silent=True),
-        )
+
+        def start(mode: str):
+            return wandb.init(
+                project=w.project, entity=w.entity, name=w.name or run_dir.name, group=w.group,
+                tags=list(w.tags), mode=mode, dir=str(run_dir), id=run_id, resume="allow" if run_id else None,
+                config=OmegaConf.to_container(cfg, resolve=True),
+                settings=wandb.Settings(console="off", silent=True, init_timeout=float(w.init_timeout_s)),
+            )
+
+        try:
+            self.run = start(w.mode)
+        except Exception as e:
+            if w.mode != "online":
+                raise
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            if w.fallback != "offline":
+                raise WandbStartError(f"logger=wandb: could not start an online W&B run within logger.wandb."
+                                      f"init_timeout_s={w.init_timeout_s:g} ({why}); use logger.wandb.fallback=offline "
+                                      f"to continue offline, or logger.wandb.mode=offline") from None
+            log.warning(f"W&B: the online start-up failed ({why}); continuing offline (logger.wandb.fallback="
+                        f"offline): `wandb sync {run_dir}/wandb/offline-run-*` uploads it later")
+            self.run = start("offline")
         self.run_id = self.run.id if self.run is not None else None
 
     def log(self, event: Mapping[str, Any]) -> None:

@@ -39,6 +39,10 @@ class StorageError(Exception):
         self.path = path
 
 
+class WandbStartError(RuntimeError):
+    """W&B could not start online and no fallback was asked for (one line; exit 2)."""
+
+
 def _chain(e: BaseException) -> list[BaseException]:
     """``e``, its causes / contexts, and the per-rank failures a DCP ``CheckpointException`` carries."""
     seen: list[BaseException] = []
