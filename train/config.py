@@ -133,6 +133,8 @@ class WandbConfig:
     name: str | None = None  # run name; default: the run dir's name
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    init_timeout_s: float = 90.0  # online: how long the start-up may take to reach the W&B server
+    fallback: str = "none"  # none (an unreachable server ends the run, exit 2) | offline (continue offline, warn once)
 
 
 @dataclass
@@ -268,6 +270,9 @@ def validate(cfg) -> None:
     _check(cfg.logger.name in ("none", "wandb"), f"logger.name={cfg.logger.name!r} is not one of none, wandb")
     _check(cfg.logger.wandb.mode in ("online", "offline", "disabled"),
            f"logger.wandb.mode={cfg.logger.wandb.mode!r} is not one of online, offline, disabled")
+    _check(cfg.logger.wandb.fallback in ("none", "offline"),
+           f"logger.wandb.fallback={cfg.logger.wandb.fallback!r} is not one of none, offline")
+    _check(cfg.logger.wandb.init_timeout_s > 0, f"logger.wandb.init_timeout_s={cfg.logger.wandb.init_timeout_s} must be > 0")
     _check(cfg.precision.name in ("fp32", "bf16", "fp16"),
            f"precision.name={cfg.precision.name!r} is not one of fp32, bf16, fp16")
     from train.parallel import STRATEGIES
