@@ -17,6 +17,7 @@ import pytest
 import torch
 from helpers import compose, init_gloo, leave_gloo, make_cfg, spawn
 
+from train.config import resolve
 from train.parallel.dims import ParallelDims
 from train.parallel.pipeline import bubble_fraction, check_pipeline, split_layers
 from train.plan import (
@@ -31,6 +32,7 @@ from train.plan import (
     plan,
     search,
     search_candidates,
+    trainer_overrides,
 )
 
 GIB = 1024**3
@@ -204,13 +206,18 @@ def test_search_falcon_40b_on_32_x_80gb(falcon, capsys):
     speeds = [p.tokens_per_s for p in found]
     assert speeds == sorted(speeds, reverse=True)
     assert {p.dims["pp"] for p in found} > {1} and {p.dims["tp"] for p in found} > {1}
-    for p in found[:10] + found[-5:]:
+    for p in found:
         _trainer_accepts(p, falcon)
         assert p.tokens_per_step == 32 * 2048  # the global batch is held fixed
+    for p in found[:3] + found[-2:]:  # the overrides printed for a layout run it: the trainer's whole validation
+        spec = resolve(compose("model=falcon-40b", *trainer_overrides(p)), 32)
+        assert spec.dims.as_dict() == {k: p.dims[k] for k in ("pp", "dp_replicate", "dp_shard", "tp")}
     # the CLI prints the same ranking and one line explaining the first
     assert main(["model=falcon-40b", "--search", "nodes=4", "gpus=8", "seq_len=2048", "--top", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "fit" in out[0] and len(out) == 2 + 3 + 1
+    assert "fit" in out[0] and len(out) == 2 + 3 + 2
+    assert out[-1] == "trainer: " + " ".join(trainer_overrides(found[0]))
+    out = out[:-1]
     first = out[2].split()
     d = found[0].dims
     assert first[:5] == ["1", str(d["tp"]), str(d["pp"]), str(d["dp_replicate"]), str(d["dp_shard"])]

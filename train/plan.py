@@ -1304,7 +1304,21 @@ def format_search(found: list[Plan], a: PlanArgs, global_batch: int, top: int, c
             f"{(p.pp_schedule or '-'):<17}{x['micro_batch']:>4}{x['grad_accum']:>5} {x['ac']:<10}{p.peak_gib:>9.2f}"
             f"{p.bubble_fraction:>8.1%}{p.step_time_s:>8.3f}{p.tokens_per_s:>12,.0f}")
     lines.append(explain(found))
+    if found:
+        lines.append(f"trainer: {' '.join(trainer_overrides(found[0]))}")
     return "\n".join(lines)
+
+
+def trainer_overrides(p: Plan) -> list[str]:
+    """The `python -m train` overrides that run plan `p`'s layout (the model and data are yours to add)."""
+    a, d = p.args, p.dims
+    strategy = "fsdp" if a["strategy"] == "hsdp" else a["strategy"]
+    out = [f"strategy={strategy}"] + [f"parallel.{k}={d[k]}" for k in ("tp", "pp", "dp_replicate", "dp_shard")]
+    if d["pp"] > 1:
+        out.append(f"parallel.pp_schedule={p.pp_schedule}")
+    return out + [f"train.micro_batch_size={a['micro_batch']}", f"train.grad_accum={a['grad_accum']}",
+                  f"train.seq_len={a['seq_len']}", f"train.activation_checkpointing={a['ac']}",
+                  f"precision={a['precision']}"]
 
 
 # ---- CLI --------------------------------------------------------------------------------------
