@@ -172,10 +172,6 @@ class TrainConfig:
     # <run.dir>/hang/rank<N>.txt and the job exits 4, naming the ranks behind; 0 = off
     hang_timeout_s: float = 0.0
     straggler_ratio: float = 2.0  # name a rank whose step time is this x the median (every log_every); 0 = off
-    # hang watchdog (train/ops/watchdog.py): a rank stuck this long in one phase of a step writes its stacks to
-    # <run.dir>/hang/rank<N>.txt and the job exits 4, naming the ranks behind; 0 = off
-    hang_timeout_s: float = 0.0
-    straggler_ratio: float = 2.0  # name a rank whose step time is this x the median (every log_every); 0 = off
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     # test hooks (fault injection): the loss of these steps becomes NaN
     fault_nan_steps: list[int] = field(default_factory=list)
@@ -241,9 +237,6 @@ def validate(cfg) -> None:
     for key in ("eval_every", "eval_steps", "ckpt_every", "sample_every", "sample_tokens", "keep_last"):
         _check(t[key] >= 0, f"train.{key}={t[key]} must be >= 0")
     _check(t.max_nan_skips >= 1, f"train.max_nan_skips={t.max_nan_skips} must be >= 1")
-    _check(t.hang_timeout_s >= 0, f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 turns the watchdog off)")
-    _check(t.straggler_ratio == 0 or t.straggler_ratio > 1,
-           f"train.straggler_ratio={t.straggler_ratio} must be > 1 (or 0 to turn straggler detection off)")
     _check(t.hang_timeout_s >= 0, f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0 turns the watchdog off)")
     _check(t.straggler_ratio == 0 or t.straggler_ratio > 1,
            f"train.straggler_ratio={t.straggler_ratio} must be > 1 (or 0 to turn straggler detection off)")
