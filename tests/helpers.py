@@ -294,6 +294,32 @@ def run_measured(cmd: Sequence[str], timeout: float = 120, **popen) -> tuple[int
         return proc.returncode, out.read(), err.read(), usage.ru_maxrss * 1024  # Linux: KiB
 
 
+def assert_export_matches(ckpt_dir: str | Path, out_dir: str | Path, *, tol: float = 1e-5):
+    """``python -m train.export ckpt_dir out_dir`` (the command line), then transformers' logits of the export
+    equal our model's on the checkpoint's gathered weights within ``tol``, and differ from a fresh init's (the
+    checkpoint holds trained weights). Returns (state dict, GPTConfig) for further checks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model import GPT, GPTConfig
+    from train.export import load_full_state_dict
+
+    proc = subprocess.run([PYTHON, "-m", "train.export", str(ckpt_dir), str(out_dir)], capture_output=True,
+                          text=True, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sd, meta = load_full_state_dict(ckpt_dir)
+    cfg = GPTConfig.from_dict(meta["model_config"])
+    ours = GPT(cfg)
+    ours.load_state_dict(sd)
+    hf = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ours.eval()(x), hf(x).logits
+        assert (a - b).abs().max().item() <= tol
+        assert (GPT(cfg).eval()(x) - a).abs().max().item() > 1e-2, "the export holds the init, not trained weights"
+    return sd, cfg
+
+
 def safetensors_header(path: str | Path) -> dict:
     """The JSON header of a .safetensors file, read from its bytes (8-byte little-endian length + JSON)."""
     with open(path, "rb") as f:

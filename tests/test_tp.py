@@ -10,11 +10,11 @@ layouts with the one-process run, resume across layouts, and export a TP checkpo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
+    assert_export_matches,
     assert_losses_close,
     char_run,
     ckpt,
@@ -348,33 +348,8 @@ def test_resume_tp_checkpoint_on_other_layouts(tmp_path_factory, tmp_path, layou
 def test_export_from_tp_checkpoint_matches_transformers(tmp_path_factory, tmp_path):
     """python -m train.export of a dp_shard=2 x tp=2 checkpoint: transformers' logits equal ours (the
     weights gathered from the shards) within 1e-5."""
-    import subprocess
-    import sys
-
-    from transformers import AutoModelForCausalLM
-
-    from model import GPT, GPTConfig
-    from train.export import load_full_state_dict
-
     src = ckpt(session_run(tmp_path_factory, "tp2_fsdp2", TP2_FSDP2, nproc=4), 10)
-    out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "train.export", str(src), str(out)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], check=False)
-    assert proc.returncode == 0, proc.stderr
-    sd, meta = load_full_state_dict(src)
-    cfg = GPTConfig.from_dict(meta["model_config"])
-    ours = GPT(cfg)
-    ours.load_state_dict(sd)
-    ours.eval()
-    hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        a, b = ours(x), hf(x).logits
-    assert (a - b).abs().max().item() <= 1e-5
-    # the checkpoint holds trained weights, not the init: the logits moved
-    init = GPT(cfg).eval()
-    with torch.no_grad():
-        assert (init(x) - a).abs().max().item() > 1e-2
+    assert_export_matches(src, tmp_path / "hf")
 
 
 def _precision(rank: int, world: int) -> dict:
