@@ -33,8 +33,6 @@ from helpers import (
     spawn,
 )
 
-pytestmark = pytest.mark.slow
-
 STEPS = 10
 B, T, ACCUM = 4, 32, 2  # each optimizer step: 2 micro-batches of 4 sequences = 2 pipeline microbatches
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zero_bubble")
@@ -136,6 +134,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [*SCHEDULES, "llama-tiny/1f1b", "falcon-40b-mini/1f1b"])
 def test_pp2_equals_one_process(two_ranks, case):
     """pp=2, 4 blocks (2 stages, or 4 virtual stages for the interleaved and V schedules), 2 microbatches per step:
@@ -156,6 +155,7 @@ def test_pp2_equals_one_process(two_ranks, case):
     assert two_ranks[1]["schedules"][case]["pp"]["ids"] is None  # ids are returned on rank 0 only
 
 
+@pytest.mark.slow
 def test_pp2_fp16_scaling_and_nan_skip_agree_across_stages(two_ranks):
     """precision=fp16 (autocast + GradScaler) under pp=2 (llama-tiny): an injected NaN loss at step 3 makes both
     stages skip that step and halve the scale (one overflow verdict for the pipeline), and the losses follow the
@@ -269,6 +269,7 @@ def _single4_losses(tmp_path_factory, key: str = "loss") -> dict[int, float]:
     return out
 
 
+@pytest.mark.slow
 def test_trainer_pp2_x_fsdp2_equals_one_process(tmp_path_factory):
     """torchrun 4 ranks, pp=2 x dp_shard=2 (each stage FSDP2-sharded over 2 ranks; 1F1B over 2 microbatches):
     losses and val losses equal the one-process run within 1e-5, grad norms within 1e-4; the loss is logged
@@ -292,6 +293,7 @@ def test_trainer_pp2_x_fsdp2_equals_one_process(tmp_path_factory):
     assert not {h for step in seen[0] for h in step} & {h for step in seen[1] for h in step}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,nproc,micro", [(["parallel.dp_shard=2"], 2, 2), (["parallel.pp=4"], 4, 4)],
                          ids=["pp1_dp_shard2", "pp4"])
 def test_resume_pp_checkpoint_on_other_layouts(tmp_path_factory, tmp_path, layout, nproc, micro):
@@ -306,6 +308,7 @@ def test_resume_pp_checkpoint_on_other_layouts(tmp_path_factory, tmp_path, layou
     assert_losses_close(got, _single4_losses(tmp_path_factory), range(11, 21), 1e-5)
 
 
+@pytest.mark.slow
 def test_export_from_pp_checkpoint_matches_transformers(tmp_path_factory, tmp_path):
     """python -m train.export of a pp=2 x dp_shard=2 checkpoint: transformers' logits equal ours within 1e-5,
     and the weights are the trained ones."""
@@ -337,13 +340,15 @@ def test_export_from_pp_checkpoint_matches_transformers(tmp_path_factory, tmp_pa
         assert (GPT(cfg).eval()(x) - a).abs().max().item() > 1e-2  # trained weights, not the init
 
 
+@pytest.mark.slow
 def test_trainer_3d_pp2_x_tp2_x_fsdp2_equals_one_process(tmp_path_factory):
     """8 ranks: pp=2 x dp_shard=2 x tp=2, the Falcon-40B composition in miniature (TP + SP inside each stage,
-    activations passed between stages as sequence shards, FSDP2 over 2-D DTensors): 10 steps' losses within
-    1e-5 and grad norms within 1e-4 of one process."""
+    activations passed between stages as sequence shards, full activation checkpointing, FSDP2 over 2-D
+    DTensors): 10 steps' losses within 1e-5 and grad norms within 1e-4 of one process."""
     run = session_run(tmp_path_factory, "pp2_tp2_fsdp2",
                       [*L4, "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=2", "train.micro_batch_size=2",
-                       "train.grad_accum=2", "train.sample_tokens=0", *FIRST_HALF], nproc=8)
+                       "train.grad_accum=2", "train.sample_tokens=0", "train.activation_checkpointing=full",
+                       *FIRST_HALF], nproc=8)
     assert_losses_close(losses_by_step(run), _single4_losses(tmp_path_factory), range(1, 11), 1e-5)
     assert_losses_close(losses_by_step(run, "grad_norm"), _single4_losses(tmp_path_factory, "grad_norm"),
                         range(1, 11), 1e-4)

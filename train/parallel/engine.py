@@ -39,6 +39,14 @@ from train.precision import Precision
 SCHED_FILE = "sched.pt"  # scheduler + grad scaler: replicated, written by rank 0
 
 
+def _flat_optim_groups(ckpt_dir: Path) -> bool:
+    """Whether a DCP checkpoint keys its optimizer param groups by parameter name (written under pp > 1)."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+    return not any(k.startswith("optim.param_groups.0.") for k in keys)
+
+
 @dataclass
 class StepStats:
     """What an optimizer step reports: the global gradient norm (before clipping), whether the update was
@@ -377,7 +385,7 @@ class NativeEngine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options(self.dims.pp > 1))
         with warnings.catch_warnings():  # one process without a group: DCP says it saves without one; it does
             warnings.simplefilter("ignore", UserWarning)
             (dcp_save or dcp.save)({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
@@ -401,7 +409,9 @@ class NativeEngine(Engine):
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         check_dcp_files(ckpt_dir)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # shapes / shards to load into
+        # shapes / shards to load into, the optimizer's param groups in the form the checkpoint has them
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer,
+                                            options=self._sd_options(_flat_optim_groups(ckpt_dir)))
         state = {"model": model_sd, "optim": optim_sd}
         try:
             with warnings.catch_warnings():
@@ -412,6 +422,16 @@ class NativeEngine(Engine):
                                   f"({dcp_failure_line(e)})") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self._load_sched(ckpt_dir)
+
+    @staticmethod
+    def _sd_options(flatten: bool):
+        """Pipeline stages hold different parameters, so their optimizer param groups are written per parameter
+        name (``optim.param_groups.<fqn>.lr``): torch's default keys them by group index with a per-rank list of
+        names, and DCP would keep one rank's list. Other layouts keep the default (older checkpoints are read in
+        whichever form they were written)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(flatten_optimizer_state_dict=flatten)
 
     def _load_legacy(self, ckpt_dir: Path) -> None:
         """Format "torch" (model.pt + optim.pt, written by single / DDP runs before DCP): read into a
