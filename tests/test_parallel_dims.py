@@ -58,7 +58,6 @@ def test_coordinates_tp_innermost():
                                             r"but the world size is 4; their product must equal it$")),
     ("zero3", 4, {"tp": 2}, (r"^parallel.tp=2 does not combine with strategy=zero3: DeepSpeed ZeRO is data-parallel "
                             r"only here; use strategy=fsdp parallel.tp=2 ")),
-    ("single", 2, {"pp": 2}, r"^parallel.pp=2: pipeline parallelism is not implemented yet; parallel.pp must be 1$"),
     ("single", 2, {"tp": 0}, r"^parallel.tp=0 must be an integer >= 1$"),
     ("single", 4, {"dp_shard": -1, "dp_replicate": -1}, r"at most one dim can take the rest of the world$"),
     ("single", 2, {}, r"^strategy=single runs one process but the world size is 2: use "),
