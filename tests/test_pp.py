@@ -23,15 +23,13 @@ from helpers import (
     char_run,
     ckpt,
     corpus_overrides,
-    init_gloo,
-    leave_gloo,
     losses_by_step,
     make_cfg,
     one_line_error,
     read_metrics,
     run_train,
     session_run,
-    spawn,
+    spawn_parts,
 )
 
 STEPS = 10
@@ -115,24 +113,28 @@ def _fp16(rank: int, world: int) -> dict:
     return out
 
 
-PARTS = {"schedules": _schedules, "fp16": _fp16}
+def _gathered(fn):
+    """A part whose every rank's result matters: gathered, rank by rank."""
+    def part(rank: int, world: int) -> list:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, fn(rank, world))
+        return gathered
+
+    return part
 
 
-def _worker(rank: int, world: int, port: int, out, parts: list[str]) -> None:
-    init_gloo(rank, world, port)
-    results = {part: PARTS[part](rank, world) for part in parts}
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, results)
-    if rank == 0:
-        out.write_text(json.dumps(gathered))
-    leave_gloo()
+def _all_schedules(rank: int, world: int) -> list:
+    return _gathered(_schedules)(rank, world)
+
+
+def _all_fp16(rank: int, world: int) -> list:
+    return _gathered(_fp16)(rank, world)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("pp_world2") / "results.json"
-    spawn(_worker, 2, out, list(PARTS))
-    return json.loads(out.read_text())
+def two_ranks(tmp_path_factory) -> dict:
+    """Every in-process part in one spawned 2-rank group: {part: [rank 0's result, rank 1's]}."""
+    return spawn_parts(tmp_path_factory.mktemp("pp_world2"), 2, {"schedules": _all_schedules, "fp16": _all_fp16})
 
 
 @pytest.mark.slow
@@ -142,8 +144,8 @@ def test_pp2_equals_one_process(two_ranks, case):
     10 steps' losses within 1e-5 and global gradient norms within 1e-6 (relative) of one process on the same
     global batch, on both ranks; eval loss within 1e-5; generation gives the same ids (sampled on the last
     stage, shared with the first)."""
-    for rank, r in enumerate(two_ranks):
-        single, pp = r["schedules"][case]["single"], r["schedules"][case]["pp"]
+    for rank, r in enumerate(two_ranks["schedules"]):
+        single, pp = r[case]["single"], r[case]["pp"]
         assert len(pp["loss"]) == len(single["loss"]) == STEPS
         assert single["loss"][-1] < single["loss"][0] - 0.1, "the reference does not learn"
         for step, (a, b) in enumerate(zip(pp["loss"], single["loss"], strict=True), 1):
@@ -152,8 +154,9 @@ def test_pp2_equals_one_process(two_ranks, case):
             assert abs(a - b) <= 1e-6 * b, f"rank {rank} step {step}: grad norm {a!r} vs one process {b!r}"
         assert abs(pp["val"] - single["val"]) <= 1e-5
         assert not any(pp["skipped"])
-    assert two_ranks[0]["schedules"][case]["pp"]["ids"] == two_ranks[0]["schedules"][case]["single"]["ids"]
-    assert two_ranks[1]["schedules"][case]["pp"]["ids"] is None  # ids are returned on rank 0 only
+    r0, r1 = two_ranks["schedules"]
+    assert r0[case]["pp"]["ids"] == r0[case]["single"]["ids"]
+    assert r1[case]["pp"]["ids"] is None  # ids are returned on rank 0 only
 
 
 @pytest.mark.slow
@@ -161,8 +164,8 @@ def test_pp2_fp16_scaling_and_nan_skip_agree_across_stages(two_ranks):
     """precision=fp16 (autocast + GradScaler) under pp=2 (llama-tiny): an injected NaN loss at step 3 makes both
     stages skip that step and halve the scale (one overflow verdict for the pipeline), and the losses follow the
     one-process fp16 run within fp16 rounding."""
-    for rank, r in enumerate(two_ranks):
-        single, pp = r["fp16"]["single"], r["fp16"]["pp"]
+    for rank, r in enumerate(two_ranks["fp16"]):
+        single, pp = r["single"], r["pp"]
         assert pp["skipped"] == single["skipped"] == [False, False, True, False, False, False]
         assert pp["scale"] == single["scale"]
         assert pp["scale"][2] == pp["scale"][1] / 2
@@ -224,6 +227,7 @@ def test_default_microbatches():
     ({"parallel__pp": 2, "parallel__dp_shard": 2, "parallel__pp_schedule": "zero_bubble"}, 4,
      r"parallel.pp_schedule=zero_bubble does not combine with FSDP2"),
     ({"parallel__pp": 2, "strategy__name": "zero2"}, 2, r"parallel.pp=2 does not combine with strategy=zero2"),
+    ({"parallel__pp": 2, "data__document_mask": True}, 2, r"data.document_mask=true does not combine with parallel.pp=2"),
     ({"parallel__pp": 2, "parallel__pp_schedule": "zero_bubble", "train__compile": True}, 2,
      r"train.compile=true does not combine with parallel.pp_schedule=zero_bubble"),
 ])

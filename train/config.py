@@ -355,6 +355,9 @@ def resolve(cfg, world_size: int) -> RunSpec:
 
         check_pipeline(dims.pp, cfg.parallel, gpt.n_layer, cfg.train.micro_batch_size, cfg.train.grad_accum,
                        compile=bool(cfg.train.compile), fsdp=dims.fsdp)
+        _check(not cfg.data.document_mask, f"data.document_mask=true does not combine with parallel.pp={dims.pp} "
+               f"yet (the later stages would need the document layout of the first stage's token ids); use "
+               f"parallel.pp=1 or data.document_mask=false")
     if dims.tp > 1:
         check_tp_divides(gpt.n_head, gpt.n_kv_head, dims.tp)
         _check(cfg.train.seq_len % dims.tp == 0, f"train.seq_len={cfg.train.seq_len} must be a multiple of "
