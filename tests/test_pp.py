@@ -228,6 +228,7 @@ def test_default_microbatches():
      r"parallel.pp_schedule=zero_bubble does not combine with FSDP2"),
     ({"parallel__pp": 2, "strategy__name": "zero2"}, 2, r"parallel.pp=2 does not combine with strategy=zero2"),
     ({"parallel__pp": 2, "data__document_mask": True}, 2, r"data.document_mask=true does not combine with parallel.pp=2"),
+    ({"parallel__pp": 2, "train__spike__enabled": True}, 2, r"train.spike.enabled=true does not combine with parallel.pp=2"),
     ({"parallel__pp": 2, "parallel__pp_schedule": "zero_bubble", "train__compile": True}, 2,
      r"train.compile=true does not combine with parallel.pp_schedule=zero_bubble"),
 ])

@@ -358,6 +358,9 @@ def resolve(cfg, world_size: int) -> RunSpec:
         _check(not cfg.data.document_mask, f"data.document_mask=true does not combine with parallel.pp={dims.pp} "
                f"yet (the later stages would need the document layout of the first stage's token ids); use "
                f"parallel.pp=1 or data.document_mask=false")
+        _check(not cfg.train.spike.enabled, f"train.spike.enabled=true does not combine with parallel.pp={dims.pp} yet "
+               f"(a spike's update is skipped through an extra poisoned micro-step, which a pipeline schedule runs "
+               f"only over a whole step's microbatches); use parallel.pp=1 or train.spike.enabled=false")
     if dims.tp > 1:
         check_tp_divides(gpt.n_head, gpt.n_kv_head, dims.tp)
         _check(cfg.train.seq_len % dims.tp == 0, f"train.seq_len={cfg.train.seq_len} must be a multiple of "
