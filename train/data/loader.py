@@ -26,6 +26,17 @@ from train.data.tokenizer import Tokenizer
 STATE_VERSION = 1
 
 
+def check_seed_and_split(state: dict, loader) -> None:
+    """A saved loader state resumes only with its seed, and, when saved inside an optimizer step, with the same
+    micro_batch_size, grad_accum and dp_size (``loader`` has those attributes)."""
+    if state["seed"] != loader.seed:
+        raise DataError(f"data-loader state was made with seed {state['seed']}, this loader has seed {loader.seed}")
+    same_split = all(state[k] == getattr(loader, k) for k in ("micro_batch_size", "grad_accum", "dp_size"))
+    if state["micro_in_step"] and not same_split:
+        raise DataError("data-loader state was saved inside an optimizer step; it resumes only with the same "
+                        "micro_batch_size, grad_accum and dp_size (save at a step boundary)")
+
+
 class SampleOrder:
     """Position in the endless training order -> sample index (epoch-wise seeded permutations)."""
 
@@ -150,12 +161,7 @@ class IndexedLoader:
         if (state["n_samples"], state["seq_len"]) != (self.n_samples, self.seq_len):
             raise DataError(f"data-loader state is for {state['n_samples']} windows of seq_len {state['seq_len']}, "
                             f"this loader has {self.n_samples} of seq_len {self.seq_len}: different corpus or seq_len")
-        if state["seed"] != self.seed:
-            raise DataError(f"data-loader state was made with seed {state['seed']}, this loader has seed {self.seed}")
-        same_split = all(state[k] == getattr(self, k) for k in ("micro_batch_size", "grad_accum", "dp_size"))
-        if state["micro_in_step"] and not same_split:
-            raise DataError("data-loader state was saved inside an optimizer step; it resumes only with the same "
-                            "micro_batch_size, grad_accum and dp_size (save at a step boundary)")
+        check_seed_and_split(state, self)
         self._consumed, self._micro = int(state["samples_consumed"]), int(state["micro_in_step"])
 
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from train.data.config import DataConfig
 from train.data.errors import DataError
-from train.data.loader import SampleOrder
+from train.data.loader import SampleOrder, check_seed_and_split
 from train.data.shards import TokenStore
 from train.data.tokenizer import Tokenizer
 
@@ -630,12 +630,7 @@ class MixtureLoader:
         if (state["n_samples"], state["seq_len"]) != (self.sizes, self.seq_len):
             raise DataError(f"data.mixture state is for {state['n_samples']} windows of seq_len {state['seq_len']}, "
                             f"these sources have {self.sizes} of seq_len {self.seq_len}: different corpus or seq_len")
-        if state["seed"] != self.seed:
-            raise DataError(f"data-loader state was made with seed {state['seed']}, this loader has seed {self.seed}")
-        same_split = all(state[k] == getattr(self, k) for k in ("micro_batch_size", "grad_accum", "dp_size"))
-        if state["micro_in_step"] and not same_split:
-            raise DataError("data-loader state was saved inside an optimizer step; it resumes only with the same "
-                            "micro_batch_size, grad_accum and dp_size (save at a step boundary)")
+        check_seed_and_split(state, self)
         consumed = int(state["samples_consumed"])
         saved = MixtureSchedule(state["weights"], self.sizes, state["max_epochs"], self.seed, state["segments"],
                                 self.labels)
