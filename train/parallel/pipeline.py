@@ -220,12 +220,19 @@ class GPTStage(GPT):
             device = next(self.parameters()).device
         super().init_buffers(device)
 
-    def forward(self, h: Tensor, targets: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, h: Tensor, targets: Tensor | None = None,  # type: ignore[override]
+                doc_ids: Tensor | None = None) -> Tensor:
+        """``doc_ids``: the microbatch's token ids (B, T) on every stage under document masking (the config's
+        ``doc_mask_token``): each stage derives the same positions and block mask from them as one process."""
+        positions, doc_mask = self.document_layout(doc_ids) if doc_ids is not None else (None, None)
         if self.is_first:
-            h = self.embed(h)
-        cos, sin = self.rope(0, h.shape[1] * (1 if self.is_first else self.seq_shards))
+            h = self.embed(h, 0, positions)
+        cos, sin = self.rope(0, h.shape[1] * (1 if self.is_first else self.seq_shards), positions)
         for block in self.blocks:
-            h = block(h, cos, sin, None, 0)  # the whole model's call (tensor parallel's input plan expects it)
+            if doc_mask is None:  # the whole model's call (tensor parallel's input plan expects it)
+                h = block(h, cos, sin, None, 0)
+            else:
+                h = block(h, cos, sin, None, 0, attn_mask=doc_mask)
         if not self.is_last:
             return h
         h = self.norm_f(h)
@@ -291,9 +298,10 @@ def recv_tensor(src: int, group, device: torch.device) -> Tensor:
 
 
 def pipeline_forward(layout: PipelineLayout, stages: dict[int, GPTStage], pp_rank: int, group, x: Tensor,
-                     device: torch.device, **last_kwargs) -> Tensor | None:
+                     device: torch.device, doc_ids: Tensor | None = None, **last_kwargs) -> Tensor | None:
     """One batch through every stage in order, forward only: each rank runs its stages and passes activations
-    to the next stage's rank. Returns the last stage's output where it ran, None on the other pipeline ranks."""
+    to the next stage's rank. Returns the last stage's output where it ran, None on the other pipeline ranks.
+    ``doc_ids`` (document masking) goes to every stage, ``last_kwargs`` to the last."""
     h = x
     for s in range(layout.n_stages):
         owner = layout.rank_of(s)
@@ -302,7 +310,7 @@ def pipeline_forward(layout: PipelineLayout, stages: dict[int, GPTStage], pp_ran
         if s > 0 and layout.rank_of(s - 1) != pp_rank:
             h = recv_tensor(layout.rank_of(s - 1), group, device)
         stage = stages[s]
-        h = stage(h, **last_kwargs) if stage.is_last else stage(h)
+        h = stage(h, doc_ids=doc_ids, **last_kwargs) if stage.is_last else stage(h, doc_ids=doc_ids)
         if s + 1 < layout.n_stages and layout.rank_of(s + 1) != pp_rank:
             send_tensor(h, layout.rank_of(s + 1), group)
     return h if layout.rank_of(layout.n_stages - 1) == pp_rank else None
@@ -420,6 +428,10 @@ class PipelineEngine(NativeEngine):
         return super()._fused_loss and not self._zero_bubble
 
     @property
+    def _doc_mask(self) -> bool:
+        return self.spec.gpt_config.doc_mask_token is not None
+
+    @property
     def _zero_bubble(self) -> bool:
         return self.layout.schedule in ZERO_BUBBLE
 
@@ -451,6 +463,8 @@ class PipelineEngine(NativeEngine):
         for stage in self.stages.values():
             stage.train()
         kwargs = {"targets": y} if self._fused_loss else {}
+        if self._doc_mask:  # every stage's microbatch of token ids (the schedule splits kwargs like the input)
+            kwargs["doc_ids"] = x
         if self._no_outputs:  # the last stage's outputs are not kept for the caller (logits would be big)
             kwargs["return_outputs"] = False
         with self.precision.autocast_ctx(), self._loss_ctx():
@@ -513,24 +527,27 @@ class PipelineEngine(NativeEngine):
     # ------------------------------------------------------------ eval and generation
 
     @torch.no_grad()
-    def _forward_eval(self, x, targets=None):
+    def _forward_eval(self, x, targets=None, doc_ids=None):
+        """Forward only through the pipeline; ``doc_ids`` under document masking when scoring (generation is one
+        document, as the single-process KV-cached decoder treats it)."""
         for stage in self.stages.values():
             stage.eval()
         try:
             kwargs = {"targets": targets} if targets is not None else {}
             with self.precision.autocast_ctx():
                 return pipeline_forward(self.layout, self.stages, self.pp_rank, self.pp_group, x, self.device,
-                                        **kwargs)
+                                        doc_ids=doc_ids, **kwargs)
         finally:
             for stage in self.stages.values():
                 stage.train()
 
     @torch.no_grad()
     def eval_loss(self, x, y):
+        doc_ids = x if self._doc_mask else None
         if self._fused_loss:
-            loss = self._forward_eval(x, y)
+            loss = self._forward_eval(x, y, doc_ids)
         else:
-            logits = self._forward_eval(x)
+            logits = self._forward_eval(x, doc_ids=doc_ids)
             loss = None
             if logits is not None:
                 with self._loss_ctx():
