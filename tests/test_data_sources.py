@@ -144,6 +144,11 @@ def test_hf_workers_and_resume(hf_files, tok, monkeypatch):
     again.load_state_dict(state)
     it2 = iter(again)
     assert all(torch.equal(next(it2)[0], e) for e in expect[7:])
+    # on past the shards' first epoch (about 22 steps): the epoch after the jump reads its shard from the start
+    straight = iter(build_dataloader(DataConfig(**{**cfg.__dict__, "num_workers": 0}), tok, "train", T, 2, 2))
+    ref = [next(straight)[0] for _ in range(100)]
+    assert all(torch.equal(next(it2)[0], e) for e in ref[12:])
+    assert min(p["epoch"] for p in again.state_dict()["positions"]) >= 1
 
 
 def test_hf_shuffle_is_seeded(hf_files, tok):

@@ -67,13 +67,16 @@ def _engine(cfg, world: int, rank: int):
     return build_engine(cfg, resolve(cfg, world), DistInfo(rank=rank, world_size=world, device=torch.device("cpu")))
 
 
-def _train(engine, steps, poison_step: int | None = None) -> dict:
-    """Optimizer steps as the trainer runs them: the micro-steps' losses summed, then step()."""
+def _train(engine, steps, poison_step: int | None = None, skip_step: int | None = None) -> dict:
+    """Optimizer steps as the trainer runs them: the micro-steps' losses summed, then step(); at `skip_step` the
+    spike guard's verdict (engine.skip_update after the micro-steps)."""
     out = {"loss": [], "norm": [], "skipped": [], "scale": []}
     for i, micro in enumerate(steps):
         loss = torch.zeros(())
         for j, (x, y) in enumerate(micro):
             loss += engine.micro_step(x, y, last=j == len(micro) - 1, poison=i == poison_step)
+        if i == skip_step:
+            engine.skip_update(x, y)
         stats = engine.step()
         out["loss"].append(float(loss))
         out["norm"].append(float(stats.grad_norm))
@@ -142,6 +145,9 @@ def _fp16(rank: int, world: int) -> dict:
     out = {}
     for label, keys, w, r in (("single", {}, 1, 0), ("pp", {"parallel__pp": 2}, world, rank)):
         out[label] = _train(_engine(_cfg("llama-tiny", **fp16, **keys), w, r), batches, poison_step=2)
+        # the loss-spike guard's skip (fp32, interleaved: the tied embedding on both ends of one rank)
+        out[f"spike_{label}"] = _train(_engine(_cfg(**keys, **({"parallel__pp_schedule": "interleaved_1f1b"}
+                                                                if keys else {})), w, r), batches, skip_step=3)
     return out
 
 
@@ -230,6 +236,18 @@ def test_pp2_document_mask_equals_one_process(two_ranks, case):
     assert two_ranks["doc_mask"][0][case]["pp"]["ids"] == two_ranks["doc_mask"][0][case]["single"]["ids"]
 
 
+@pytest.mark.slow
+def test_pp2_spike_skip_agrees_across_stages(two_ranks):
+    """The loss-spike guard's verdict under pp=2 (engine.skip_update after a step's microbatches): step 4's
+    update is skipped on both stages and the next steps' losses equal one process's with the same skip (1e-5)."""
+    for rank, r in enumerate(two_ranks["fp16"]):
+        single, pp = r["spike_single"], r["spike_pp"]
+        assert pp["skipped"] == single["skipped"] == [False, False, False, True, False, False]
+        for step, (a, b) in enumerate(zip(pp["loss"], single["loss"], strict=True), 1):
+            assert abs(a - b) <= 1e-5, f"rank {rank} step {step}: pp=2 loss {a!r} vs one process {b!r}"
+        assert pp["val"] == pytest.approx(single["val"], abs=1e-5)
+
+
 # ---------------------------------------------------------------- layouts and bad input (no process group)
 
 
@@ -281,7 +299,6 @@ def test_default_microbatches():
     ({"parallel__pp": 2, "parallel__dp_shard": 2, "parallel__pp_schedule": "zero_bubble"}, 4,
      r"parallel.pp_schedule=zero_bubble does not combine with FSDP2"),
     ({"parallel__pp": 2, "strategy__name": "zero2"}, 2, r"parallel.pp=2 does not combine with strategy=zero2"),
-    ({"parallel__pp": 2, "train__spike__enabled": True}, 2, r"train.spike.enabled=true does not combine with parallel.pp=2"),
     ({"parallel__pp": 2, "parallel__pp_schedule": "zero_bubble", "train__compile": True}, 2,
      r"train.compile=true does not combine with parallel.pp_schedule=zero_bubble"),
 ])

@@ -355,9 +355,6 @@ def resolve(cfg, world_size: int) -> RunSpec:
 
         check_pipeline(dims.pp, cfg.parallel, gpt.n_layer, cfg.train.micro_batch_size, cfg.train.grad_accum,
                        compile=bool(cfg.train.compile), fsdp=dims.fsdp)
-        _check(not cfg.train.spike.enabled, f"train.spike.enabled=true does not combine with parallel.pp={dims.pp} yet "
-               f"(a spike's update is skipped through an extra poisoned micro-step, which a pipeline schedule runs "
-               f"only over a whole step's microbatches); use parallel.pp=1 or train.spike.enabled=false")
     if dims.tp > 1:
         check_tp_divides(gpt.n_head, gpt.n_kv_head, dims.tp)
         _check(cfg.train.seq_len % dims.tp == 0, f"train.seq_len={cfg.train.seq_len} must be a multiple of "

@@ -286,8 +286,8 @@ class Trainer:
             if self.guard is not None:  # judged before the update: a spike's update is skipped
                 spike_loss = engine.dp_mean(step_loss.clone()).item()
                 verdict, score = self.guard.check(self.step + 1, spike_loss)
-                if verdict != OK:  # NaN gradients on top: the engine skips the update like a non-finite step
-                    engine.micro_step(x, y, last=True, poison=True)
+                if verdict != OK:  # NaN gradients: the engine skips the update like a non-finite step
+                    engine.skip_update(x, y)
             self._phase("optimizer")
             with region("optimizer"):
                 stats = engine.step()

@@ -165,15 +165,13 @@ class _Packer:
         """(index of the first record, texts) of about group_chars characters, from record `skip` on; the
         records before it are read, not tokenized (the resume point counts records). `i`: the record the
         dataset starts at (after load_state_dict)."""
-        import copy
-
         texts, size, first = [], 0, skip
         # .iter() rather than iter(): datasets would re-split by torch worker a second time
         for batch in part.iter(batch_size=_READ_BATCH):
             recs = batch[self.text_field]
             lo, i = max(0, skip - i), i + len(recs)
-            if self.ds_state:
-                self._marks.append((self._epoch, i, copy.deepcopy(part.state_dict())))
+            if self.ds_state:  # state_dict() is a copy already
+                self._marks.append((self._epoch, i, part.state_dict()))
             for t in recs[lo:]:
                 texts.append(t if isinstance(t, str) else "")
                 size += len(texts[-1])
@@ -199,8 +197,9 @@ class _Packer:
         # pending tokens and where each segment of them comes from: (start in buf, epoch, record, offset)
         buf, segs = np.zeros(0, np.int64), []
         idx = np.arange(T + 1)[None, :] + (np.arange(n) * T)[:, None]  # window k of a chunk: [n, T+1]
+        part = self.make_part()  # one split per shard: a loaded state applies to its own epoch only (datasets)
         while True:
-            part, at = self.make_part(), 0
+            at = 0
             part.set_epoch(epoch)
             if self.ds_state and st and st.get("ds_state") is not None and st["epoch"] == epoch:
                 part.load_state_dict(st["ds_state"])  # jump to the batch boundary: re-read < _READ_BATCH records

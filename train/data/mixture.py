@@ -251,6 +251,26 @@ class MixtureSchedule:
             return p
         return None
 
+    def sources(self, lo: int, hi: int) -> np.ndarray:
+        """The source of each position in [lo, hi), looked up a BLOCK-aligned chunk at a time (cached): a step's
+        global batch costs a slice, not a lookup."""
+        if self.end is not None and hi > self.end:
+            self.lookup(np.arange(lo, hi, dtype=np.int64))  # raises the one-line error
+        cache = self.__dict__.setdefault("_src_chunks", {})
+        parts, p = [], lo
+        while p < hi:
+            c = p // BLOCK
+            if c not in cache:
+                a = c * BLOCK
+                b = a + BLOCK if self.end is None else min(a + BLOCK, self.end)
+                if len(cache) >= 4:
+                    cache.pop(next(iter(cache)))
+                cache[c] = self.lookup(np.arange(a, b, dtype=np.int64))[0]
+            q = min(hi, (c + 1) * BLOCK)
+            parts.append(cache[c][p - c * BLOCK:q - c * BLOCK])
+            p = q
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source, sample index within the source) of each global position."""
         positions = np.asarray(positions, dtype=np.int64)
@@ -349,18 +369,24 @@ class _StreamSteps(torch.utils.data.IterableDataset):
             packers[(s, v)] = iter(_Packer(part_of(src, v), tok, src.text_field, self.seq_len, 1,
                                            self.resume.get(f"{s}:{v}"), self.threads, group,
                                            f"source {s} shard {v} of {src.n_shards}", src.ds_state))
-        k = self.first_step
+        k, G = self.first_step, self.G
+        mine_of = {s: [v for ss, v in packers if ss == s] for s in self.streams}
         while True:
             item = {}
-            step_src = self.schedule.lookup(np.arange(k * self.G, (k + 1) * self.G, dtype=np.int64))[0]  # [G]
-            for (s, v), it in packers.items():
-                c = self.G // self.streams[s].n_shards
-                n = int(np.count_nonzero(step_src[v * c:(v + 1) * c] == s))
-                wins, pos = [], None
-                for _ in range(n):
+            step_src = self.schedule.sources(k * G, (k + 1) * G)  # [G]
+            wanted = []  # (source, shard, windows) of this worker's shards that feed this step
+            for s, vs in mine_of.items():
+                if vs:  # windows of source s in each of its shards' ranges of the global batch
+                    per = np.count_nonzero(step_src.reshape(self.streams[s].n_shards, -1) == s, axis=1)
+                    wanted += [(s, v, int(per[v])) for v in vs if per[v]]
+            for s, v, n in wanted:  # a shard without a window here keeps its position
+                it = packers[(s, v)]
+                if n == 1:
                     win, pos = next(it)
-                    wins.append(win[0])
-                item[f"{s}:{v}"] = (np.stack(wins) if wins else None, pos)
+                else:
+                    wins = [next(it) for _ in range(n)]
+                    win, pos = np.concatenate([w for w, _ in wins]), wins[-1][1]
+                item[f"{s}:{v}"] = (win, pos)
             yield item
             k += 1
 
@@ -514,14 +540,16 @@ class MixtureLoader:
                 step.update(next(items))
             positions = np.arange(k * G + r * BA, k * G + (r + 1) * BA, dtype=np.int64)
             src, idx = self.pairs(positions)
-            step_src = self.schedule.lookup(np.arange(k * G, (k + 1) * G, dtype=np.int64))[0]  # [G]
+            step_src = self.schedule.sources(k * G, (k + 1) * G)  # [G]
+            earlier = np.zeros(G, dtype=np.int64)  # a streamed position's earlier draws in its shard's range
+            for s, stream in self.streams.items():
+                m = (step_src == s).reshape(stream.n_shards, -1)
+                earlier[m.ravel()] = (np.cumsum(m, axis=1) - 1)[m]
             rows = np.empty((BA, T + 1), dtype=np.int64)
             for q, (s, i) in enumerate(zip(src, idx)):
                 if s in self.streams:
                     qq = q + r * BA  # offset in the global batch
-                    c = G // self.streams[s].n_shards
-                    j = int(np.count_nonzero(step_src[qq // c * c:qq] == s))  # earlier draws in this shard
-                    rows[q] = step[f"{s}:{qq // c}"][0][j]
+                    rows[q] = step[f"{s}:{qq // (G // self.streams[s].n_shards)}"][0][earlier[qq]]
                 else:
                     rows[q] = self.stores[s].read(i * T, T + 1)
             for j in range(skip, A):

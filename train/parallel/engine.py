@@ -131,6 +131,12 @@ class Engine(ABC):
     def state_bytes(self) -> dict[str, int]:
         """This rank's {params, grads, optimizer} bytes (local shards only)."""
 
+    def skip_update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Make the coming ``step()`` skip its update as after a non-finite gradient (the loss-spike guard's
+        verdict, judged after the step's micro-steps): one more micro-batch with a NaN loss makes every gradient
+        NaN on every rank."""
+        self.micro_step(x, y, last=True, poison=True)
+
     def meta(self) -> dict[str, Any]:
         """What meta.json records about the layout that wrote a checkpoint."""
         return {"format": self.format, "strategy": self.cfg.strategy.name, "world_size": self.dist.world_size,

@@ -479,6 +479,13 @@ class PipelineEngine(NativeEngine):
         dist.all_reduce(loss, op=dist.ReduceOp.SUM, group=self.pp_group)  # only the last stage's rank adds
         return loss
 
+    def skip_update(self, x, y) -> None:
+        """A schedule runs only over a whole step's microbatches: the step's gradients on every stage turn NaN
+        instead, and step() skips (stage norms summed over the pipeline: NaN on every rank)."""
+        for p in self.raw.parameters():
+            if p.grad is not None:
+                _local(p.grad).fill_(float("nan"))
+
     def _sync_tied(self) -> None:
         """The tied embedding / head weight lives on the first and the last stage: sum its two gradients so both
         copies take the same update (the single-process gradient is the sum of both uses)."""
