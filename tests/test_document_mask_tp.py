@@ -49,12 +49,18 @@ def _losses(cfg, world: int, rank: int) -> list[float]:
 
 def _worker(rank: int, world: int, port: int, out: Path) -> None:
     init_gloo(rank, world, port)
+    # the single-process references are the same on every rank: each is computed once, rank 0 the masked
+    # runs, rank 1 the unmasked ones (concurrently), then shared
+    ref_kind, mask = ("single", True) if rank == 0 else ("unmasked", False)
+    refs = {preset: _losses(_cfg(preset, mask=mask), 1, 0) for preset in ("gpt2-tiny", "llama-tiny")}
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, (ref_kind, refs))
     res = {}
     for preset in ("gpt2-tiny", "llama-tiny"):
-        res[preset] = {"single": _losses(_cfg(preset), 1, 0), "unmasked": _losses(_cfg(preset, mask=False), 1, 0),
-                       "tp": _losses(_cfg(preset, parallel__tp=2), world, rank),
-                       "tp_ac": _losses(_cfg(preset, parallel__tp=2, train__activation_checkpointing="full"),
-                                        world, rank)}
+        res[preset] = {kind: r[preset] for kind, r in gathered}
+        res[preset].update(tp=_losses(_cfg(preset, parallel__tp=2), world, rank),
+                           tp_ac=_losses(_cfg(preset, parallel__tp=2, train__activation_checkpointing="full"),
+                                         world, rank))
     if rank == 0:
         out.write_text(json.dumps(res))
     torch.distributed.barrier()
