@@ -39,19 +39,33 @@ GPU_DATASHEETS: dict[str, tuple[str, dict[str, float | None]]] = {
 _MEASURED: dict[tuple[str, str], float] = {}
 
 
-def _measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeat: int = 8) -> float:
-    """Achieved FLOP/s of a square matmul: the stand-in peak for devices without a datasheet entry."""
-    a = torch.randn(n, n, device=device, generator=None).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)  # warm-up (kernel selection, caches)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeat: int = 8,
+                          budget_s: float = 0.25) -> float:
+    """Achieved FLOP/s of a square matmul: the stand-in peak for devices without a datasheet entry.
+
+    On a CPU the measurement is time-boxed: the square grows from 128 to ``n`` only while one matmul takes
+    under ``budget_s / 8``, and the timed loop stops after ``budget_s`` (at least one matmul). A 16-bit matmul on
+    a CPU without native support runs seconds per 1024-square: the fixed 1 + 8 of them cost every fp16 / bf16
+    CPU run (each rank) ~20 s before its first step, for one MFU figure. fp32 still reaches ``n``."""
+    size = n if device.type != "cpu" else min(128, n)
+    while True:
+        a = torch.randn(size, size, device=device, generator=None).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        t0 = time.perf_counter()
+        torch.mm(a, b)  # warm-up (kernel selection, caches)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if size >= n or time.perf_counter() - t0 >= budget_s / 8:
+            break
+        size *= 2
+    done = 0
     t0 = time.perf_counter()
-    for _ in range(repeat):
+    while done < repeat and (done == 0 or device.type != "cpu" or time.perf_counter() - t0 < budget_s):
         torch.mm(a, b)
+        done += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return 2 * n**3 * repeat / max(time.perf_counter() - t0, 1e-9)
+    return 2 * size**3 * done / max(time.perf_counter() - t0, 1e-9)
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
