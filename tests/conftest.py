@@ -39,7 +39,7 @@ def in_ci() -> bool:
 # modules whose tests start several ranks (torchrun, spawned gloo groups, Slurm jobs) or reuse runs that do:
 # marked `slow`, so `make test-fast` (-m "not slow") is the single-process edit loop
 MULTI_RANK_MODULES = {"test_export", "test_faults", "test_fsdp", "test_model_init_sharded", "test_multinode",
-                      "test_multinode_tp", "test_ops_hang", "test_sharded", "test_slurm", "test_tp", "test_train_signals",
+                      "test_ops_hang", "test_sharded", "test_slurm", "test_tp", "test_train_signals",
                       "test_data_mixture_ranks", "test_hf_stream", "test_document_mask_tp",
                       "test_zero", "test_zero_falcon"}
 
