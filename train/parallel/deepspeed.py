@@ -165,6 +165,13 @@ class DeepSpeedEngine(Engine):
         for key, value in (("RANK", self.dist.rank), ("LOCAL_RANK", self.dist.local_rank),
                            ("WORLD_SIZE", self.dist.world_size)):
             os.environ.setdefault(key, str(value))
+        if self.device.type == "cpu":
+            # DeepSpeed's comm backend JIT-compiles its shared-memory kernel on first use (about a minute on CPU);
+            # it serves only inference_all_reduce, which training never calls (its all_reduce is the process
+            # group's), so the build is skipped; ops.__compatible_ops__ is the table build_shm_op() consults
+            compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+            if isinstance(compatible, dict):
+                compatible["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         seed_init(cfg.train.seed)
         if self.stage == 3:
